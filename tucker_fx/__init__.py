@@ -2,17 +2,27 @@
 
 Example:
     >>> import torch, tucker_fx
-    >>> from tucker_fx.models import thetis_net, THETIS_INPUT_SHAPE
-    >>> tucker_fx.analyze(thetis_net(), torch.empty(THETIS_INPUT_SHAPE)).total_params
+    >>> from tucker_fx.models import thetis_net, thetis_paper_config, THETIS_INPUT_SHAPE
+    >>> x = torch.randn(THETIS_INPUT_SHAPE)
+    >>> tucker_fx.analyze(thetis_net(), x).total_params
     696428
+    >>> result = tucker_fx.compress(thetis_net(), x, config=thetis_paper_config())
+    >>> result.after.total_params, result.after.total_flops
+    (13598, 2635140440)
 """
 
 from tucker_fx.analysis import CostReport, NodeCost, analyze
+from tucker_fx.api import CompressionResult, apply_plan, compress
+from tucker_fx.config import TuckerConfig
+from tucker_fx.decomposition import VBMFResult, evbmf
 from tucker_fx.errors import DecompositionError, ShapePropagationError, UntraceableModelError
+from tucker_fx.planning import LayerPlan, Plan
+from tucker_fx.reporting.validation import ValidationReport, validate
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "analyze", "CostReport", "NodeCost", "UntraceableModelError", "ShapePropagationError",
-    "DecompositionError", "__version__",
+    "analyze", "compress", "apply_plan", "validate", "evbmf", "TuckerConfig", "Plan", "LayerPlan",
+    "CompressionResult", "CostReport", "NodeCost", "ValidationReport", "VBMFResult",
+    "UntraceableModelError", "ShapePropagationError", "DecompositionError", "__version__",
 ]

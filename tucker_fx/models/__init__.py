@@ -16,10 +16,12 @@ import torch.nn as nn
 
 from tucker_fx.models.resnet3d import RESNET3D_INPUT_SHAPE, ResNet3d, resnet3d18
 from tucker_fx.models.testnets import TEST_MODELS
-from tucker_fx.models.thetis import THETIS_INPUT_SHAPE, THETIS_LAYERS, ThetisNet, thetis_net
+from tucker_fx.models.thetis import (
+    THETIS_INPUT_SHAPE, THETIS_LAYERS, ThetisNet, thetis_net, thetis_paper_config,
+)
 
 __all__ = [
-    "THETIS_INPUT_SHAPE", "THETIS_LAYERS", "ThetisNet", "thetis_net", "RESNET3D_INPUT_SHAPE",
+    "THETIS_INPUT_SHAPE", "THETIS_LAYERS", "ThetisNet", "thetis_net", "thetis_paper_config", "RESNET3D_INPUT_SHAPE",
     "ResNet3d", "resnet3d18", "TEST_MODELS", "BUILTIN_MODELS", "get_model",
 ]
 

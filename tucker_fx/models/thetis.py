@@ -12,7 +12,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-__all__ = ["THETIS_INPUT_SHAPE", "ThetisNet", "thetis_net", "THETIS_LAYERS"]
+from tucker_fx.config import TuckerConfig
+
+__all__ = ["THETIS_INPUT_SHAPE", "ThetisNet", "thetis_net", "THETIS_LAYERS", "thetis_paper_config"]
 
 THETIS_INPUT_SHAPE = (1, 4, 28, 120, 160)
 
@@ -55,3 +57,10 @@ def thetis_net(num_classes: int = 2, *, seed: int | None = 0) -> ThetisNet:
             torch.manual_seed(seed)
             return ThetisNet(num_classes).eval()
     return ThetisNet(num_classes).eval()
+
+
+def thetis_paper_config(**overrides: object) -> TuckerConfig:
+    """The paper's Table 2 ranks: C1 Tucker-2 (2,2), C2 Tucker-2 (2,3), L1 Tucker-2 (4,7) as a
+    conv, L2 Tucker-1 (1), L3 untouched. Extra keyword arguments set other config fields."""
+    ranks = {"c1": (2, 2), "c2": (2, 3), "l1": (4, 7), "l2": 1, "l3": None}
+    return TuckerConfig(ranks=ranks, **overrides)  # type: ignore[arg-type]

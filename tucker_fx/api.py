@@ -1,0 +1,149 @@
+"""The verbs: ``compress`` a model, ``apply_plan`` a saved or edited plan.
+
+Example:
+    >>> import torch, tucker_fx
+    >>> from tucker_fx.models import thetis_net, thetis_paper_config, THETIS_INPUT_SHAPE
+    >>> result = tucker_fx.compress(thetis_net(), torch.randn(THETIS_INPUT_SHAPE), config=thetis_paper_config())
+    >>> result.before.total_params, result.after.total_params
+    (696428, 13598)
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch.fx as fx
+import torch.nn as nn
+
+from tucker_fx.analysis.capture import capture
+from tucker_fx.analysis.costs import CostReport, annotate_costs
+from tucker_fx.analysis.shapes import propagate_shapes
+from tucker_fx.config import TuckerConfig
+from tucker_fx.passes.runner import run_passes
+from tucker_fx.passes.tucker_rewrite import TuckerRewrite
+from tucker_fx.planning.plan import KINDS, Plan
+from tucker_fx.planning.planner import build_plan
+from tucker_fx.reporting.progress import Progress
+from tucker_fx.reporting.validation import ValidationReport, validate
+
+__all__ = ["CompressionResult", "compress", "apply_plan", "PLAN_META_KEY"]
+
+PLAN_META_KEY = "tucker_fx.plan"
+
+
+@dataclass
+class CompressionResult:
+    """``module``: the compressed GraphModule; ``plan``: what was done per layer;
+    ``before``/``after``: cost reports; ``validation``: errors against the original (or None)."""
+
+    module: fx.GraphModule
+    plan: Plan
+    before: CostReport
+    after: CostReport
+    validation: Optional[ValidationReport]
+
+    @property
+    def params_ratio(self) -> float:
+        return self.before.total_params / max(self.after.total_params, 1)
+
+    @property
+    def flops_ratio(self) -> float:
+        return self.before.total_flops / max(self.after.total_flops, 1)
+
+    def summary(self) -> str:
+        lines = [
+            self.plan.to_markdown(),
+            "",
+            f"params {self.before.total_params:,} -> {self.after.total_params:,} (x{self.params_ratio:.2f}); "
+            f"FLOPs {self.before.total_flops:,} -> {self.after.total_flops:,} (x{self.flops_ratio:.2f})",
+        ]
+        if self.validation is not None:
+            lines.append(f"validation: {self.validation}")
+        return "\n".join(lines)
+
+
+def _check_inputs(fn: str, model: Any, example_inputs: tuple) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{fn} expects a torch.nn.Module or fx.GraphModule, got {type(model).__name__}")
+    if not example_inputs:
+        raise ValueError(f"{fn} needs example inputs, e.g. {fn}(model, torch.randn(1, 3, 16, 112, 112))")
+
+
+def _analysed_copy(model: nn.Module, example_inputs: tuple) -> tuple[fx.GraphModule, CostReport]:
+    gm = capture(model, copy_weights=True)
+    propagate_shapes(gm, example_inputs)
+    return gm, annotate_costs(gm)
+
+
+def _finish(model: nn.Module, gm: fx.GraphModule, plan: Plan, before: CostReport, example_inputs: tuple,
+            config: TuckerConfig, progress: Progress) -> CompressionResult:
+    reference = copy.deepcopy(gm) if config.validate else None
+    gm = run_passes(gm, [TuckerRewrite(plan, hooi_iters=config.hooi_iters, progress=progress)])
+    gm.meta[PLAN_META_KEY] = plan
+    propagate_shapes(gm, example_inputs)
+    after = annotate_costs(gm)
+    validation = None
+    if reference is not None:
+        validation = validate(reference, gm, *example_inputs, reference_graph=reference)
+    return CompressionResult(gm, plan, before, after, validation)
+
+
+def compress(model: nn.Module, *example_inputs: Any, config: Optional[TuckerConfig] = None) -> CompressionResult:
+    """Tucker-decompose the conv/linear layers of ``model``; the model itself is not changed.
+
+    Example:
+        >>> import torch, torch.nn as nn, tucker_fx
+        >>> net = nn.Sequential(nn.Conv3d(16, 32, 3), nn.ReLU(), nn.Conv3d(32, 32, 3)).eval()
+        >>> r = tucker_fx.compress(net, torch.randn(1, 16, 8, 8, 8), config=tucker_fx.TuckerConfig(rank=0.25))
+        >>> r.plan["2"].kind, r.plan["2"].ranks
+        ('tucker2', (8, 8))
+    """
+    _check_inputs("compress", model, example_inputs)
+    config = config if config is not None else TuckerConfig()
+    if not isinstance(config, TuckerConfig):
+        raise TypeError(f"config must be a TuckerConfig, got {type(config).__name__}")
+    progress = Progress(config.progress)
+    gm, before = _analysed_copy(model, example_inputs)
+    plan = build_plan(gm, config, progress)
+    return _finish(model, gm, plan, before, example_inputs, config, progress)
+
+
+def apply_plan(model: nn.Module, plan: Plan, *example_inputs: Any,
+               config: Optional[TuckerConfig] = None) -> CompressionResult:
+    """Rebuild the compressed structure of ``plan`` (edited, or loaded with ``Plan.load``) on ``model``.
+
+    The plan's kinds and ranks are used as they are; its cost columns are recomputed.
+    """
+    _check_inputs("apply_plan", model, example_inputs)
+    if not isinstance(plan, Plan):
+        raise TypeError(f"apply_plan expects a tucker_fx.Plan, got {type(plan).__name__}")
+    config = config if config is not None else TuckerConfig()
+    progress = Progress(config.progress)
+    gm, before = _analysed_copy(model, example_inputs)
+    from tucker_fx.planning.planner import candidate_sites
+
+    # layers the plan does not mention stay as they are
+    overrides: dict[str, Any] = {s.display_name: None for s in candidate_sites(gm)}
+    for entry in plan:
+        if entry.kind not in KINDS:
+            raise ValueError(f"plan entry {entry.name!r}: kind {entry.kind!r}, expected one of {KINDS}")
+        if entry.kind == "none":
+            overrides[entry.name] = None
+        elif entry.kind == "tucker2":
+            if entry.ranks is None or len(entry.ranks) != 2:
+                raise ValueError(f"plan entry {entry.name!r}: tucker2 needs ranks (R_s, R_t), got {entry.ranks!r}")
+            overrides[entry.name] = (int(entry.ranks[0]), int(entry.ranks[1]))
+        else:
+            if entry.ranks is None or len(entry.ranks) != 1:
+                raise ValueError(f"plan entry {entry.name!r}: {entry.kind} needs one rank, got {entry.ranks!r}")
+            overrides[entry.name] = int(entry.ranks[0])
+    replanned = build_plan(gm, config.replace(ranks=overrides, only_if_cheaper=False), progress)
+    known = {e.name for e in plan}
+    for new in replanned:
+        if new.name not in known:
+            new.reason = "not in the plan"
+        elif plan[new.name].kind == "none" and plan[new.name].reason:
+            new.reason = plan[new.name].reason
+    return _finish(model, gm, replanned, before, example_inputs, config, progress)

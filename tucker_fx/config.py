@@ -1,0 +1,124 @@
+"""The one frozen config of ``tucker_fx.compress``.
+
+Example:
+    >>> from tucker_fx import TuckerConfig
+    >>> cfg = TuckerConfig(rank=0.5, ranks={"c1": (2, 2), "l3": None})
+    >>> cfg.rank, dict(cfg.ranks)
+    (0.5, {'c1': (2, 2), 'l3': None})
+    >>> TuckerConfig(rank=0)
+    Traceback (most recent call last):
+    ...
+    ValueError: TuckerConfig.rank: expected 'vbmf', an int >= 1 or a float in (0, 1], got 0
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, replace
+from types import MappingProxyType
+from typing import Any, Callable, Mapping, Optional, Union
+
+__all__ = ["TuckerConfig", "RankSpec", "LayerRanks"]
+
+RankSpec = Union[str, int, float]
+LayerRanks = Union[tuple[int, int], int, None]
+
+POLICIES = ("paper", "auto")
+
+
+def _check_layer_ranks(name: str, value: Any) -> LayerRanks:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"TuckerConfig.ranks[{name!r}]: expected (R_s, R_t), an int or None, got {value!r}")
+    if isinstance(value, int):
+        if value < 1:
+            raise ValueError(f"TuckerConfig.ranks[{name!r}]: ranks must be >= 1, got {value}")
+        return value
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise ValueError(
+                f"TuckerConfig.ranks[{name!r}]: expected (R_s, R_t) for Tucker-2 or one int for "
+                f"Tucker-1/SVD, got {value!r} ({len(value)} values)"
+            )
+        if min(value) < 1:
+            raise ValueError(f"TuckerConfig.ranks[{name!r}]: ranks must be >= 1, got {tuple(value)}")
+        return (int(value[0]), int(value[1]))
+    raise ValueError(f"TuckerConfig.ranks[{name!r}]: expected (R_s, R_t), an int or None, got {value!r}")
+
+
+@dataclass(frozen=True)
+class TuckerConfig:
+    """How to compress.
+
+    Attributes:
+        rank: ``"vbmf"`` (EVBMF on each mode's unfolding), an int (both modes, clipped to
+            full rank) or a float in (0, 1] (that fraction of each mode's full rank, rounded up).
+        ranks: per-layer overrides by module qualified name (node name for functional
+            layers): ``(R_s, R_t)`` for Tucker-2, an int for Tucker-1 (conv) / SVD (linear),
+            ``None`` to leave the layer alone.
+        policy: ``"paper"`` (Algorithm 1: Tucker-1 on the first conv and on every linear after
+            the first, Tucker-2 elsewhere, the first linear as a conv when it follows a flatten)
+            or ``"auto"`` (the cheapest kind at the chosen ranks).
+        min_rank: floor for selected ranks (EVBMF may return 0 on noise-like weights).
+        only_if_cheaper: leave a layer alone unless decomposing lowers both MACs and params.
+        exclude: glob patterns of layer names never to touch (``"layer4.*"``).
+        layer_filter: a callable ``name -> bool``; layers where it is False are left alone.
+        hooi_iters: HOOI sweeps after the HOSVD start of Tucker-2.
+        validate: compare the compressed model with the original on the example inputs.
+        progress: per-layer progress on stderr: ``True``, ``False`` (quiet), or ``None``
+            (shown once compressing has taken over a second).
+    """
+
+    rank: RankSpec = "vbmf"
+    ranks: Mapping[str, LayerRanks] = field(default_factory=dict)
+    policy: str = "paper"
+    min_rank: int = 1
+    only_if_cheaper: bool = True
+    exclude: tuple[str, ...] = ()
+    layer_filter: Optional[Callable[[str], bool]] = None
+    hooi_iters: int = 2
+    validate: bool = True
+    progress: Optional[bool] = None
+
+    def __post_init__(self) -> None:
+        r = self.rank
+        ok = (
+            r == "vbmf"
+            or (isinstance(r, int) and not isinstance(r, bool) and r >= 1)
+            or (isinstance(r, float) and math.isfinite(r) and 0.0 < r <= 1.0)
+        )
+        if not ok:
+            raise ValueError(
+                f"TuckerConfig.rank: expected 'vbmf', an int >= 1 or a float in (0, 1], got {r!r}"
+            )
+        if not isinstance(self.ranks, Mapping):
+            raise ValueError(f"TuckerConfig.ranks: expected a dict of layer name -> ranks, got {type(self.ranks).__name__}")
+        checked = {str(k): _check_layer_ranks(str(k), v) for k, v in self.ranks.items()}
+        object.__setattr__(self, "ranks", MappingProxyType(checked))
+        if self.policy not in POLICIES:
+            raise ValueError(f"TuckerConfig.policy: expected one of {POLICIES}, got {self.policy!r}")
+        if not isinstance(self.min_rank, int) or isinstance(self.min_rank, bool) or self.min_rank < 1:
+            raise ValueError(f"TuckerConfig.min_rank: expected an int >= 1, got {self.min_rank!r}")
+        if isinstance(self.exclude, str):
+            object.__setattr__(self, "exclude", (self.exclude,))
+        if not all(isinstance(p, str) for p in self.exclude):
+            raise ValueError(f"TuckerConfig.exclude: expected glob strings, got {self.exclude!r}")
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        if self.layer_filter is not None and not callable(self.layer_filter):
+            raise ValueError(f"TuckerConfig.layer_filter: expected a callable name -> bool, got {self.layer_filter!r}")
+        if not isinstance(self.hooi_iters, int) or self.hooi_iters < 0:
+            raise ValueError(f"TuckerConfig.hooi_iters: expected an int >= 0, got {self.hooi_iters!r}")
+        for name in ("only_if_cheaper", "validate"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"TuckerConfig.{name}: expected True or False, got {getattr(self, name)!r}")
+        if self.progress not in (True, False, None):
+            raise ValueError(f"TuckerConfig.progress: expected True, False or None, got {self.progress!r}")
+
+    def replace(self, **changes: Any) -> "TuckerConfig":
+        """A copy with some fields changed (validated again)."""
+        return replace(self, **changes)
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))

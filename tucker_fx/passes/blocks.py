@@ -1,0 +1,136 @@
+"""The decomposed layer as modules: factor tensors in, ``TuckerBlock`` out.
+
+A ``TuckerBlock`` holds ``first`` (channel mix S -> R_s, absent for Tucker-1), ``core`` and
+``last`` (R_t -> T with the bias). The rewrite calls the three children as separate graph
+nodes so that later passes can see and fuse them; the block's own ``forward`` runs the same
+chain, so it also works on its own.
+
+Example:
+    >>> import torch, torch.nn as nn
+    >>> from tucker_fx.passes.blocks import build_block
+    >>> conv = nn.Conv2d(8, 16, 3, padding=1)
+    >>> block, err = build_block(conv.weight, conv.bias, kind="tucker2", ranks=(8, 16), op="conv",
+    ...                          conv_args=dict(stride=(1, 1), padding=(1, 1), dilation=(1, 1)))
+    >>> x = torch.randn(1, 8, 5, 5)
+    >>> bool(torch.allclose(block(x), conv(x), atol=1e-5)), err < 1e-6
+    (True, True)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+
+from tucker_fx.decomposition import relative_error, truncated_svd, tucker1, tucker2
+
+__all__ = ["TuckerBlock", "build_block"]
+
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+class TuckerBlock(nn.Module):
+    """first -> [flatten] -> core -> last."""
+
+    def __init__(self, first: Optional[nn.Module], core: nn.Module, last: nn.Module,
+                 *, kind: str, ranks: tuple[int, ...], flatten: bool = False) -> None:
+        super().__init__()
+        if first is not None:
+            self.first = first
+        self.core = core
+        self.last = last
+        self.kind, self.ranks, self.flatten = kind, tuple(ranks), flatten
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "first"):
+            x = self.first(x)
+        if self.flatten:
+            x = torch.flatten(x, 1)
+        return self.last(self.core(x))
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, ranks={self.ranks}" + (", flatten" if self.flatten else "")
+
+
+def _set(module: nn.Module, weight: torch.Tensor, bias: Optional[torch.Tensor], like: torch.Tensor) -> nn.Module:
+    module = module.to(device=like.device, dtype=like.dtype)
+    with torch.no_grad():
+        module.weight.copy_(weight.reshape(module.weight.shape))
+        if bias is not None:
+            module.bias.copy_(bias)
+    for p in module.parameters():
+        p.requires_grad_(like.requires_grad)
+    return module
+
+
+def _pointwise(dims: int, cin: int, cout: int, bias: bool) -> nn.Module:
+    return _CONV[dims](cin, cout, 1, bias=bias) if dims else nn.Linear(cin, cout, bias=bias)
+
+
+def build_block(
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    *,
+    kind: str,
+    ranks: tuple[int, ...],
+    op: str,
+    conv_args: Optional[dict[str, Any]] = None,
+    feature_shape: Optional[tuple[int, ...]] = None,
+    hooi_iters: int = 2,
+) -> tuple[TuckerBlock, float]:
+    """Decompose ``weight`` and build the block; returns it and the weight's relative error.
+
+    ``op`` is ``"conv"`` or ``"linear"``; ``conv_args`` carries stride/padding/dilation/
+    padding_mode for the core conv; ``feature_shape = (S, *spatial)`` makes a Linear's
+    Tucker-2 "as a conv" over the flattened feature map.
+    """
+    w = weight.detach()
+    t_out = w.shape[0]
+    b = bias.detach() if bias is not None else None
+    if op == "conv":
+        dims = w.dim() - 2
+        cargs = dict(conv_args or {})
+        kernel = tuple(w.shape[2:])
+        s_in = w.shape[1]
+        if kind == "tucker2":
+            rs, rt = ranks
+            dec = tucker2(w, (rs, rt), n_iter=hooi_iters)
+            first = _set(_pointwise(dims, s_in, rs, False), dec.u_s.t(), None, w)
+            core = _set(_CONV[dims](rs, rt, kernel, bias=False, **cargs), dec.core, None, w)
+            last = _set(_pointwise(dims, rt, t_out, b is not None), dec.u_t, b, w)
+            return TuckerBlock(first, core, last, kind=kind, ranks=ranks), relative_error(w, dec.reconstruct())
+        if kind == "tucker1":
+            (r,) = ranks
+            dec1 = tucker1(w, r)
+            core = _set(_CONV[dims](s_in, r, kernel, bias=False, **cargs), dec1.core, None, w)
+            last = _set(_pointwise(dims, r, t_out, b is not None), dec1.u_t, b, w)
+            return TuckerBlock(None, core, last, kind=kind, ranks=ranks), relative_error(w, dec1.reconstruct())
+        raise ValueError(f"kind {kind!r} is not defined for a conv; expected 'tucker2' or 'tucker1'")
+    if op != "linear":
+        raise ValueError(f"op must be 'conv' or 'linear', got {op!r}")
+    if kind in ("svd", "tucker1"):
+        (r,) = ranks
+        a, c = truncated_svd(w, r)
+        first = _set(nn.Linear(w.shape[1], r, bias=False), a, None, w)
+        last = _set(nn.Linear(r, t_out, bias=b is not None), c, b, w)
+        # TuckerBlock wants a core; for a plain SVD the first factor is it
+        return TuckerBlock(None, first, last, kind="svd", ranks=ranks), relative_error(w, c @ a)
+    if kind != "tucker2":
+        raise ValueError(f"kind {kind!r} is not defined for a linear; expected 'svd' or 'tucker2'")
+    rs, rt = ranks
+    if feature_shape is not None:
+        s_in, *spatial = feature_shape
+        w4 = w.reshape(t_out, s_in, *spatial)
+        dec = tucker2(w4, (rs, rt), n_iter=hooi_iters)
+        first = _set(_pointwise(len(spatial), s_in, rs, False), dec.u_s.t(), None, w)
+        core = _set(nn.Linear(rs * math.prod(spatial), rt, bias=False), dec.core.reshape(rt, -1), None, w)
+        last = _set(nn.Linear(rt, t_out, bias=b is not None), dec.u_t, b, w)
+        block = TuckerBlock(first, core, last, kind=kind, ranks=ranks, flatten=True)
+        return block, relative_error(w4, dec.reconstruct())
+    dec = tucker2(w, (rs, rt), n_iter=hooi_iters)
+    first = _set(nn.Linear(w.shape[1], rs, bias=False), dec.u_s.t(), None, w)
+    core = _set(nn.Linear(rs, rt, bias=False), dec.core, None, w)
+    last = _set(nn.Linear(rt, t_out, bias=b is not None), dec.u_t, b, w)
+    return TuckerBlock(first, core, last, kind=kind, ranks=ranks), relative_error(w, dec.reconstruct())

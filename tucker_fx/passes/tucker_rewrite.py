@@ -1,0 +1,127 @@
+"""The rewrite pass: each planned conv/linear node becomes its Tucker subgraph.
+
+A module site keeps its qualified name: ``c1`` becomes a :class:`TuckerBlock` at ``c1`` and
+the graph calls ``c1.first``, ``c1.core``, ``c1.last`` (nodes ``c1_first``, ...). A functional
+site (``F.conv3d`` on a ``get_attr`` weight) gets a block named after its node, and the
+now-unused weight is deleted. The pass only reads the plan and the analysis records.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+from tucker_fx.analysis.costs import SITE_KEY
+from tucker_fx.analysis.sites import Site
+from tucker_fx.errors import DecompositionError
+from tucker_fx.passes.blocks import TuckerBlock, build_block
+from tucker_fx.passes.runner import PassResult
+from tucker_fx.planning.plan import LayerPlan, Plan
+from tucker_fx.reporting.progress import Progress
+
+__all__ = ["TuckerRewrite", "ORIGIN_KEY", "block_name"]
+
+ORIGIN_KEY = "tucker_fx.origin"
+
+
+def block_name(entry: LayerPlan) -> str:
+    """Where the block of ``entry`` lives in the compressed module."""
+    if not entry.functional:
+        return entry.name
+    return re.sub(r"\W", "_", entry.node) + "_tucker"
+
+
+def _conv_args(site: Site) -> dict:
+    return dict(stride=site.stride, padding=site.padding, dilation=site.dilation,
+                padding_mode=site.padding_mode)
+
+
+@dataclass
+class TuckerRewrite:
+    """Graph pass: replace the plan's layers by decomposed blocks. Fills ``weight_error``."""
+
+    plan: Plan
+    hooi_iters: int = 2
+    progress: Optional[Progress] = None
+    name: str = "tucker_rewrite"
+    blocks: dict[str, TuckerBlock] = field(default_factory=dict)
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        nodes = {n.name: n for n in gm.graph.nodes}
+        applied = self.plan.applied
+        for i, entry in enumerate(applied):
+            node = nodes.get(entry.node)
+            site: Optional[Site] = node.meta.get(SITE_KEY) if node is not None else None
+            if site is None or site.display_name != entry.name:
+                raise ValueError(
+                    f"the plan's layer {entry.name!r} (node {entry.node!r}) is not a conv/linear "
+                    f"of this model; its layers are: "
+                    f"{[n.meta[SITE_KEY].display_name for n in gm.graph.nodes if SITE_KEY in n.meta]}"
+                )
+            if self.progress is not None:
+                self.progress.step(i + 1, len(applied), f"decomposing {entry.name} ({entry.kind} {entry.ranks})")
+            self._rewrite(gm, site, entry, nodes)
+        self._drop_unused(gm)
+        return PassResult(gm, bool(applied))
+
+    def _rewrite(self, gm: fx.GraphModule, site: Site, entry: LayerPlan, nodes: dict[str, fx.Node]) -> None:
+        weight, bias = site.weight(gm), site.bias(gm)
+        if entry.as_conv and entry.feature_shape is None:
+            raise ValueError(f"plan entry {entry.name!r}: as_conv needs feature_shape")
+        try:
+            block, error = build_block(
+                weight, bias, kind=entry.kind, ranks=tuple(entry.ranks or ()), op=site.op,
+                conv_args=_conv_args(site) if site.op == "conv" else None,
+                feature_shape=entry.feature_shape if entry.as_conv else None,
+                hooi_iters=self.hooi_iters,
+            )
+        except ValueError as exc:
+            raise DecompositionError(f"layer {entry.name!r}: {exc}") from exc
+        entry.weight_error = error
+        name = block_name(entry)
+        if site.module_name is not None:
+            parent, _, leaf = name.rpartition(".")
+            setattr(gm.get_submodule(parent) if parent else gm, leaf, block)
+        else:
+            gm.add_submodule(name, block)
+        self.blocks[entry.name] = block
+        # every call of a shared module goes through the one block
+        targets = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == site.module_name] \
+            if site.module_name is not None else [site.node]
+        for node in targets:
+            self._splice(gm, node, entry, name, block, nodes)
+
+    @staticmethod
+    def _splice(gm: fx.GraphModule, node: fx.Node, entry: LayerPlan, name: str, block: TuckerBlock,
+                nodes: dict[str, fx.Node]) -> None:
+        graph = gm.graph
+        x = nodes[entry.input_node] if entry.as_conv and entry.input_node else node.args[0]
+        with graph.inserting_before(node):
+            if hasattr(block, "first"):
+                x = graph.call_module(f"{name}.first", (x,))
+                x.meta[ORIGIN_KEY] = node.name
+            if block.flatten:
+                x = graph.call_function(torch.flatten, (x, 1))
+            x = graph.call_module(f"{name}.core", (x,))
+            x.meta[ORIGIN_KEY] = node.name
+            x = graph.call_module(f"{name}.last", (x,))
+            x.meta[ORIGIN_KEY] = node.name
+        node.replace_all_uses_with(x)
+        graph.erase_node(node)
+
+    @staticmethod
+    def _drop_unused(gm: fx.GraphModule) -> None:
+        graph = gm.graph
+        attrs = {str(n.target) for n in graph.nodes if n.op == "get_attr"}
+        graph.eliminate_dead_code()  # also drops the get_attr nodes of replaced weights ...
+        still_used = {str(n.target) for n in graph.nodes if n.op == "get_attr"}
+        for target in attrs - still_used:  # ... but not the tensors they read: delete those
+            parent, _, leaf = target.rpartition(".")
+            owner = gm.get_submodule(parent) if parent else gm
+            if hasattr(owner, leaf):
+                delattr(owner, leaf)
+        gm.delete_all_unused_submodules()

@@ -1,0 +1,159 @@
+"""The compression plan: plain data a user can print, edit, save and re-apply.
+
+Example:
+    >>> import torch, tucker_fx
+    >>> from tucker_fx.models import thetis_net, thetis_paper_config, THETIS_INPUT_SHAPE
+    >>> x = torch.randn(THETIS_INPUT_SHAPE)
+    >>> result = tucker_fx.compress(thetis_net(), x, config=thetis_paper_config())
+    >>> result.plan["c2"].kind, result.plan["c2"].ranks
+    ('tucker2', (2, 3))
+    >>> result.plan["c2"].ranks = (3, 4)            # edit ...
+    >>> again = tucker_fx.apply_plan(thetis_net(), result.plan, x)   # ... and re-apply
+    >>> again.plan["c2"].params_after
+    998
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Iterator, Optional, Union
+
+__all__ = ["LayerPlan", "Plan", "PLAN_VERSION", "KINDS"]
+
+PLAN_VERSION = 1
+KINDS = ("tucker2", "tucker1", "svd", "none")
+
+
+@dataclass
+class LayerPlan:
+    """What happens to one conv/linear layer.
+
+    ``kind`` is ``tucker2`` (``ranks = (R_s, R_t)``), ``tucker1`` (conv, ``ranks = (R,)``),
+    ``svd`` (linear, ``ranks = (R,)``) or ``none`` (left alone; ``reason`` says why).
+    Costs are per call of the layer at the example input's shape; params include the bias.
+    """
+
+    name: str
+    node: str
+    op: str
+    kind: str
+    ranks: Optional[tuple[int, ...]]
+    full_ranks: tuple[int, int]
+    rank_source: str = "vbmf"
+    functional: bool = False
+    as_conv: bool = False
+    feature_shape: Optional[tuple[int, ...]] = None
+    input_node: Optional[str] = None
+    macs_before: int = 0
+    params_before: int = 0
+    macs_after: int = 0
+    params_after: int = 0
+    reason: Optional[str] = None
+    notes: list[str] = field(default_factory=list)
+    weight_error: Optional[float] = None
+
+    @property
+    def applied(self) -> bool:
+        return self.kind != "none"
+
+    @property
+    def flops_before(self) -> int:
+        return 2 * self.macs_before
+
+    @property
+    def flops_after(self) -> int:
+        return 2 * self.macs_after
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LayerPlan":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown plan entry fields {sorted(unknown)}; expected a subset of {sorted(known)}")
+        data = dict(data)
+        for key in ("ranks", "full_ranks", "feature_shape"):
+            if data.get(key) is not None:
+                data[key] = tuple(int(v) for v in data[key])
+        return cls(**data)
+
+
+def _ratio(before: int, after: int) -> str:
+    return f"x{before / after:.2f}" if after else "-"
+
+
+@dataclass
+class Plan:
+    """One :class:`LayerPlan` per candidate layer, in graph order."""
+
+    layers: list[LayerPlan]
+    version: int = PLAN_VERSION
+
+    def __iter__(self) -> Iterator[LayerPlan]:
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, name: str) -> LayerPlan:
+        for layer in self.layers:
+            if layer.name == name or layer.node == name:
+                return layer
+        raise KeyError(f"no layer {name!r} in the plan; layers: {[l.name for l in self.layers]}")
+
+    @property
+    def applied(self) -> list[LayerPlan]:
+        return [l for l in self.layers if l.applied]
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps({"version": self.version, "layers": [asdict(l) for l in self.layers]}))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Plan":
+        if not isinstance(data, dict) or "layers" not in data:
+            raise ValueError("expected a plan dict with 'version' and 'layers'")
+        version = data.get("version")
+        if version != PLAN_VERSION:
+            raise ValueError(f"plan version {version!r} is not supported; expected {PLAN_VERSION}")
+        return cls([LayerPlan.from_dict(l) for l in data["layers"]], version=PLAN_VERSION)
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not a plan: invalid JSON ({exc})") from exc
+        return cls.from_dict(data)
+
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(self.to_json(indent=2))
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike]) -> "Plan":
+        with open(path, encoding="utf-8") as f:
+            return cls.from_json(f.read())
+
+    def to_markdown(self) -> str:
+        lines = [
+            "| layer | op | kind | ranks | params before -> after | MACs before -> after | weight rel. error | note |",
+            "|---|---|---|---|---:|---:|---:|---|",
+        ]
+        for l in self.layers:
+            ranks = ", ".join(map(str, l.ranks)) if l.ranks else "-"
+            err = f"{l.weight_error:.3g}" if l.weight_error is not None else ""
+            note = "; ".join(([l.reason] if l.reason else []) + l.notes)
+            kind = l.kind + (" (as conv)" if l.as_conv else "")
+            lines.append(
+                f"| {l.name} | {l.op} | {kind} | {ranks} | {l.params_before:,} -> {l.params_after:,} "
+                f"({_ratio(l.params_before, l.params_after)}) | {l.macs_before:,} -> {l.macs_after:,} "
+                f"({_ratio(l.macs_before, l.macs_after)}) | {err} | {note} |"
+            )
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.to_markdown()

@@ -1,0 +1,50 @@
+"""Wall-clock timing: medians of repeated runs, candidates interleaved so drift hits all alike.
+
+Example:
+    >>> import torch
+    >>> from tucker_fx.reporting.timing import median_ms, compare_ms
+    >>> median_ms(torch.relu, torch.randn(100), repeats=3) > 0
+    True
+    >>> sorted(compare_ms({"a": lambda: torch.relu(torch.randn(10)), "b": lambda: None}, repeats=3))
+    ['a', 'b']
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Callable, Optional
+
+import torch
+
+__all__ = ["median_ms", "compare_ms", "sync"]
+
+
+def sync(device: Optional[torch.device] = None) -> None:
+    """Wait for queued GPU work (a no-op on CPU)."""
+    if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
+        torch.cuda.synchronize()
+
+
+def median_ms(fn: Callable[..., Any], *args: Any, repeats: int = 7, warmup: int = 1) -> float:
+    """Median wall time of ``fn(*args)`` in milliseconds, under ``torch.no_grad``."""
+    return compare_ms({"fn": lambda: fn(*args)}, repeats=repeats, warmup=warmup)["fn"]
+
+
+def compare_ms(fns: dict[str, Callable[[], Any]], *, repeats: int = 7, warmup: int = 1) -> dict[str, float]:
+    """Median wall time (ms) of each callable, run round-robin: a, b, c, a, b, c, ..."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    with torch.no_grad():
+        for _ in range(warmup):
+            for fn in fns.values():
+                fn()
+        sync()
+        for _ in range(repeats):
+            for name, fn in fns.items():
+                start = time.perf_counter()
+                fn()
+                sync()
+                samples[name].append((time.perf_counter() - start) * 1e3)
+    return {k: statistics.median(v) for k, v in samples.items()}
