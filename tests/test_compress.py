@@ -16,7 +16,8 @@ from tucker_fx import Plan, TuckerConfig
 from tucker_fx.analysis import SITE_KEY
 from tucker_fx.models import TEST_MODELS, THETIS_INPUT_SHAPE, thetis_net, thetis_paper_config
 
-FULL = TuckerConfig(rank=1.0, only_if_cheaper=False)
+# decomposition alone: the lowering passes have their own tests (test_passes.py)
+FULL = TuckerConfig(rank=1.0, only_if_cheaper=False, lowering="none", merge=False)
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
@@ -87,7 +88,7 @@ def test_exactly_low_rank_weights_are_recovered_at_their_rank():
     with torch.no_grad():
         conv.weight.copy_(torch.einsum("abxyz,ta,sb->tsxyz", core, u_t, u_s))
     x = torch.randn(2, 16, 6, 7, 8)
-    result = tucker_fx.compress(conv, x, config=TuckerConfig(ranks={"0": (4, 5)}))
+    result = tucker_fx.compress(conv, x, config=TuckerConfig(ranks={"0": (4, 5)}, lowering="none"))
     assert result.plan["0"].weight_error < 1e-6
     assert rel(conv(x), result.module(x)) < 1e-5
 
@@ -95,7 +96,7 @@ def test_exactly_low_rank_weights_are_recovered_at_their_rank():
 def test_approximation_error_decreases_with_rank():
     model = TEST_MODELS["residual3d"][0]()
     x = torch.randn(TEST_MODELS["residual3d"][1])
-    errors = [tucker_fx.compress(model, x, config=TuckerConfig(rank=f, only_if_cheaper=False)).validation.rel_error
+    errors = [tucker_fx.compress(model, x, config=FULL.replace(rank=f)).validation.rel_error
               for f in (0.25, 0.5, 1.0)]
     assert errors[0] > errors[1] > errors[2] and errors[2] < 1e-5
 
@@ -104,7 +105,8 @@ def test_approximation_error_decreases_with_rank():
 
 @pytest.fixture(scope="module")
 def paper_result():
-    return tucker_fx.compress(thetis_net(), torch.randn(THETIS_INPUT_SHAPE), config=thetis_paper_config())
+    return tucker_fx.compress(thetis_net(), torch.randn(THETIS_INPUT_SHAPE),
+                              config=thetis_paper_config(lowering="none", merge=False))
 
 
 def test_paper_ranks_reproduce_table2_exactly(paper_result):
@@ -193,7 +195,7 @@ def test_shared_module_decomposed_once():
     factory, shape = TEST_MODELS["shared"]
     model = factory()
     x = torch.randn(shape)
-    result = tucker_fx.compress(model, x, config=TuckerConfig(ranks={"shared": (8, 8), "inp": None}, only_if_cheaper=False))
+    result = tucker_fx.compress(model, x, config=FULL.replace(ranks={"shared": (8, 8), "inp": None}))
     assert [e.name for e in result.plan].count("shared") == 1
     calls = [n for n in result.module.graph.nodes if n.target == "shared.core"]
     assert len(calls) == 2
@@ -207,7 +209,8 @@ def test_plan_roundtrip_and_reapply(tmp_path, paper_result):
     paper_result.plan.save(path)
     loaded = Plan.load(path)
     assert loaded.to_dict() == paper_result.plan.to_dict()
-    again = tucker_fx.apply_plan(thetis_net(), loaded, torch.randn(THETIS_INPUT_SHAPE))
+    again = tucker_fx.apply_plan(thetis_net(), loaded, torch.randn(THETIS_INPUT_SHAPE),
+                                 config=TuckerConfig(lowering="none", merge=False))
     assert again.after.total_params == 13_598 and again.after.total_flops == 2_635_140_440
     assert "| c1 | conv3d | tucker2 | 2, 2 |" in loaded.to_markdown()
 
@@ -216,7 +219,8 @@ def test_edited_plan_is_applied(paper_result):
     plan = Plan.from_json(paper_result.plan.to_json())
     plan["c2"].ranks = (3, 4)
     plan["l2"].kind, plan["l2"].ranks = "none", None
-    again = tucker_fx.apply_plan(thetis_net(), plan, torch.randn(THETIS_INPUT_SHAPE))
+    again = tucker_fx.apply_plan(thetis_net(), plan, torch.randn(THETIS_INPUT_SHAPE),
+                                 config=TuckerConfig(lowering="none", merge=False))
     assert again.plan["c2"].ranks == (3, 4)
     assert again.plan["c2"].params_after == 6 * 3 + 4 * 3 * 75 + 4 * 16 + 16
     assert not again.plan["l2"].applied

@@ -12,7 +12,7 @@ Example:
 """
 
 from tucker_fx.analysis import CostReport, NodeCost, analyze
-from tucker_fx.api import CompressionResult, apply_plan, compress
+from tucker_fx.api import CompressionResult, apply_plan, compress, lower
 from tucker_fx.config import TuckerConfig
 from tucker_fx.decomposition import VBMFResult, evbmf
 from tucker_fx.errors import DecompositionError, ShapePropagationError, UntraceableModelError
@@ -22,7 +22,7 @@ from tucker_fx.reporting.validation import ValidationReport, validate
 __version__ = "0.1.0"
 
 __all__ = [
-    "analyze", "compress", "apply_plan", "validate", "evbmf", "TuckerConfig", "Plan", "LayerPlan",
+    "analyze", "compress", "apply_plan", "lower", "validate", "evbmf", "TuckerConfig", "Plan", "LayerPlan",
     "CompressionResult", "CostReport", "NodeCost", "ValidationReport", "VBMFResult",
     "UntraceableModelError", "ShapePropagationError", "DecompositionError", "__version__",
 ]

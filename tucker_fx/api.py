@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
+
+import torch
 
 import torch.fx as fx
 import torch.nn as nn
@@ -21,14 +23,18 @@ from tucker_fx.analysis.capture import capture
 from tucker_fx.analysis.costs import CostReport, annotate_costs
 from tucker_fx.analysis.shapes import propagate_shapes
 from tucker_fx.config import TuckerConfig
+from tucker_fx.passes.fold_bn import FoldBatchNorm
+from tucker_fx.passes.lowering import LowerBlocks, LowerConvs
+from tucker_fx.passes.merge_linear import MergeLinear
 from tucker_fx.passes.runner import run_passes
 from tucker_fx.passes.tucker_rewrite import TuckerRewrite
 from tucker_fx.planning.plan import KINDS, Plan
 from tucker_fx.planning.planner import build_plan
 from tucker_fx.reporting.progress import Progress
 from tucker_fx.reporting.validation import ValidationReport, validate
+from tucker_fx.tuning.cache import TimingCache
 
-__all__ = ["CompressionResult", "compress", "apply_plan", "PLAN_META_KEY"]
+__all__ = ["CompressionResult", "compress", "apply_plan", "lower", "PLAN_META_KEY"]
 
 PLAN_META_KEY = "tucker_fx.plan"
 
@@ -36,13 +42,15 @@ PLAN_META_KEY = "tucker_fx.plan"
 @dataclass
 class CompressionResult:
     """``module``: the compressed GraphModule; ``plan``: what was done per layer;
-    ``before``/``after``: cost reports; ``validation``: errors against the original (or None)."""
+    ``before``/``after``: cost reports; ``validation``: errors against the original (or None);
+    ``compiled``: ``torch.compile(module)`` when ``TuckerConfig(inductor=True)``."""
 
     module: fx.GraphModule
     plan: Plan
     before: CostReport
     after: CostReport
     validation: Optional[ValidationReport]
+    compiled: Optional[Callable[..., Any]] = None
 
     @property
     def params_ratio(self) -> float:
@@ -77,17 +85,44 @@ def _analysed_copy(model: nn.Module, example_inputs: tuple) -> tuple[fx.GraphMod
     return gm, annotate_costs(gm)
 
 
-def _finish(model: nn.Module, gm: fx.GraphModule, plan: Plan, before: CostReport, example_inputs: tuple,
-            config: TuckerConfig, progress: Progress) -> CompressionResult:
+def _prepare(gm: fx.GraphModule, example_inputs: tuple, config: TuckerConfig) -> tuple[fx.GraphModule, Optional[fx.GraphModule]]:
+    """Keep a reference copy for validation, then fold BatchNorm and re-annotate."""
     reference = copy.deepcopy(gm) if config.validate else None
-    gm = run_passes(gm, [TuckerRewrite(plan, hooi_iters=config.hooi_iters, progress=progress)])
+    if config.fold_bn:
+        gm = run_passes(gm, [FoldBatchNorm()])
+        propagate_shapes(gm, example_inputs)
+        annotate_costs(gm)
+    return gm, reference
+
+
+def _cache(config: TuckerConfig) -> Optional[TimingCache]:
+    if config.tuning_cache is False:
+        return None
+    return TimingCache(None if config.tuning_cache is True else config.tuning_cache)
+
+
+def _finish(gm: fx.GraphModule, reference: Optional[fx.GraphModule], plan: Plan, before: CostReport,
+            example_inputs: tuple, config: TuckerConfig, progress: Progress) -> CompressionResult:
+    rewrite = TuckerRewrite(plan, hooi_iters=config.hooi_iters, progress=progress)
+    gm = run_passes(gm, [rewrite])
+    propagate_shapes(gm, example_inputs)
+    passes: list = []
+    if config.lowering == "auto":
+        passes.append(LowerBlocks(plan, rewrite.originals, tune=config.tune, cache=_cache(config) if config.tune else None,
+                                  repeats=config.tuning_repeats, tolerance=config.lowering_tolerance,
+                                  progress=progress))
+    if config.merge:
+        passes.append(MergeLinear())
+    if passes:
+        gm = run_passes(gm, passes)
     gm.meta[PLAN_META_KEY] = plan
     propagate_shapes(gm, example_inputs)
     after = annotate_costs(gm)
     validation = None
     if reference is not None:
         validation = validate(reference, gm, *example_inputs, reference_graph=reference)
-    return CompressionResult(gm, plan, before, after, validation)
+    compiled = torch.compile(gm) if config.inductor else None
+    return CompressionResult(gm, plan, before, after, validation, compiled)
 
 
 def compress(model: nn.Module, *example_inputs: Any, config: Optional[TuckerConfig] = None) -> CompressionResult:
@@ -106,8 +141,9 @@ def compress(model: nn.Module, *example_inputs: Any, config: Optional[TuckerConf
         raise TypeError(f"config must be a TuckerConfig, got {type(config).__name__}")
     progress = Progress(config.progress)
     gm, before = _analysed_copy(model, example_inputs)
+    gm, reference = _prepare(gm, example_inputs, config)
     plan = build_plan(gm, config, progress)
-    return _finish(model, gm, plan, before, example_inputs, config, progress)
+    return _finish(gm, reference, plan, before, example_inputs, config, progress)
 
 
 def apply_plan(model: nn.Module, plan: Plan, *example_inputs: Any,
@@ -122,6 +158,7 @@ def apply_plan(model: nn.Module, plan: Plan, *example_inputs: Any,
     config = config if config is not None else TuckerConfig()
     progress = Progress(config.progress)
     gm, before = _analysed_copy(model, example_inputs)
+    gm, reference = _prepare(gm, example_inputs, config)
     from tucker_fx.planning.planner import candidate_sites
 
     # layers the plan does not mention stay as they are
@@ -144,6 +181,35 @@ def apply_plan(model: nn.Module, plan: Plan, *example_inputs: Any,
     for new in replanned:
         if new.name not in known:
             new.reason = "not in the plan"
-        elif plan[new.name].kind == "none" and plan[new.name].reason:
-            new.reason = plan[new.name].reason
-    return _finish(model, gm, replanned, before, example_inputs, config, progress)
+        else:
+            old = plan[new.name]
+            if old.kind == "none" and old.reason:
+                new.reason = old.reason
+            new.lowering = old.lowering if old.lowering != "original" else None
+            new.timings_ms = dict(old.timings_ms)
+    return _finish(gm, reference, replanned, before, example_inputs, config, progress)
+
+
+def lower(model: nn.Module, *example_inputs: Any, tune: bool = True,
+          tuning_cache: "bool | str" = True, fold_bn: bool = True, merge: bool = True) -> fx.GraphModule:
+    """The same lowering passes as ``compress``, without decomposition: the fair baseline.
+
+    BatchNorm folding, each conv's fastest variant (direct, channels_last, FFT; chosen by
+    measurement or by the cost model) and the merge of adjacent linear maps. The choices are in
+    ``gm.meta["tucker_fx.lowering"]``.
+
+    Example:
+        >>> import torch, torch.nn as nn, tucker_fx
+        >>> net = nn.Sequential(nn.Conv2d(2, 2, 9, padding=4)).eval()
+        >>> gm = tucker_fx.lower(net, torch.randn(1, 2, 64, 64), tuning_cache=False)
+        >>> sorted(gm.meta["tucker_fx.lowering"]["0"])
+        ['lowering', 'source', 'timings_ms']
+    """
+    _check_inputs("lower", model, example_inputs)
+    config = TuckerConfig(tune=tune, tuning_cache=tuning_cache, fold_bn=fold_bn, merge=merge, validate=False)
+    gm, _ = _analysed_copy(model, example_inputs)
+    gm, _ = _prepare(gm, example_inputs, config)
+    lowering = LowerConvs(tune=tune, cache=_cache(config) if tune else None, repeats=config.tuning_repeats)
+    gm = run_passes(gm, [lowering] + ([MergeLinear()] if merge else []))
+    gm.meta["tucker_fx.lowering"] = lowering.choices
+    return gm

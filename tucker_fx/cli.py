@@ -4,6 +4,7 @@
     tucker-fx analyze mypkg.models:make_net --input-shape 1,3,16,112,112 --format json
     tucker-fx demo [--ranks paper|vbmf] [--json out.json]
     tucker-fx compress resnet3d18 --rank vbmf --plan plan.json
+    tucker-fx bench thetis --batch 1 [--compile] [--json out.json]
 """
 
 from __future__ import annotations
@@ -82,8 +83,26 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from tucker_fx.reporting.bench import VARIANTS, bench, format_bench
+
+    variants = [v for v in VARIANTS if args.compile or not v.endswith("_compiled")]
+    if args.variants:
+        variants = args.variants.split(",")
+    print(f"Building {len(variants)} variants of {args.model} and timing them side by side ...", file=sys.stderr)
+    table = bench(args.model, args.batch, args.device, variants=variants, repeats=args.repeats,
+                  tune=not args.no_tune, input_shape=args.input_shape)
+    print(format_bench(table))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(table, f, indent=2)
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "analyze": _cmd_analyze, "demo": _cmd_demo, "compress": _cmd_compress,
+    "analyze": _cmd_analyze, "demo": _cmd_demo, "compress": _cmd_compress, "bench": _cmd_bench,
 }
 
 
@@ -108,6 +127,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", choices=("paper", "auto"), default="paper")
     p.add_argument("--plan", metavar="PATH", help="save the plan as JSON")
     p.add_argument("--quiet", action="store_true", help="no per-layer progress")
+    p = sub.add_parser("bench", help="time a model's variants side by side (original, lowered, Tucker, ...)")
+    p.add_argument("model", nargs="?", default="thetis")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--repeats", type=int, default=11)
+    p.add_argument("--input-shape", type=_shape, default=None)
+    p.add_argument("--compile", action="store_true", help="also time inductor-compiled variants (slow to build)")
+    p.add_argument("--variants", help="comma-separated subset of the variants")
+    p.add_argument("--no-tune", action="store_true", help="choose lowerings by the cost model, not by timing")
+    p.add_argument("--json", metavar="PATH")
     return parser
 
 

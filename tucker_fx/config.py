@@ -24,6 +24,7 @@ RankSpec = Union[str, int, float]
 LayerRanks = Union[tuple[int, int], int, None]
 
 POLICIES = ("paper", "auto")
+LOWERING_MODES = ("auto", "none")
 
 
 def _check_layer_ranks(name: str, value: Any) -> LayerRanks:
@@ -68,6 +69,18 @@ class TuckerConfig:
         validate: compare the compressed model with the original on the example inputs.
         progress: per-layer progress on stderr: ``True``, ``False`` (quiet), or ``None``
             (shown once compressing has taken over a second).
+        fold_bn: fold eval-mode BatchNorm into the conv/linear before it, before decomposing.
+        lowering: ``"auto"`` (each block runs as its fastest variant: direct, channels_last,
+            FFT, absorbed, or the original layer) or ``"none"`` (the plain three-conv chain).
+        tune: with ``lowering="auto"``, choose by timing the candidates at the real input shape
+            on the real device (cached on disk); ``False`` (default: fast and deterministic) ranks
+            them with the cost model.
+        tuning_repeats: timed runs per candidate (median).
+        tuning_cache: ``True`` (``~/.cache/tucker_fx`` or ``$TUCKER_FX_CACHE_DIR``), a file path,
+            or ``False`` (no cache).
+        merge: merge adjacent linear maps (1x1 conv pairs, Linear pairs, ...) when MACs drop.
+        lowering_tolerance: a lowered variant must match the block's output to this relative error.
+        inductor: also hand the result to ``torch.compile`` (``CompressionResult.compiled``).
     """
 
     rank: RankSpec = "vbmf"
@@ -80,6 +93,14 @@ class TuckerConfig:
     hooi_iters: int = 2
     validate: bool = True
     progress: Optional[bool] = None
+    fold_bn: bool = True
+    lowering: str = "auto"
+    tune: bool = False
+    tuning_repeats: int = 5
+    tuning_cache: Union[bool, str] = True
+    merge: bool = True
+    lowering_tolerance: float = 1e-5
+    inductor: bool = False
 
     def __post_init__(self) -> None:
         r = self.rank
@@ -109,7 +130,15 @@ class TuckerConfig:
             raise ValueError(f"TuckerConfig.layer_filter: expected a callable name -> bool, got {self.layer_filter!r}")
         if not isinstance(self.hooi_iters, int) or self.hooi_iters < 0:
             raise ValueError(f"TuckerConfig.hooi_iters: expected an int >= 0, got {self.hooi_iters!r}")
-        for name in ("only_if_cheaper", "validate"):
+        if self.lowering not in LOWERING_MODES:
+            raise ValueError(f"TuckerConfig.lowering: expected one of {LOWERING_MODES}, got {self.lowering!r}")
+        if not isinstance(self.tuning_repeats, int) or isinstance(self.tuning_repeats, bool) or self.tuning_repeats < 1:
+            raise ValueError(f"TuckerConfig.tuning_repeats: expected an int >= 1, got {self.tuning_repeats!r}")
+        if not isinstance(self.tuning_cache, (bool, str)):
+            raise ValueError(f"TuckerConfig.tuning_cache: expected True, False or a file path, got {self.tuning_cache!r}")
+        if not (isinstance(self.lowering_tolerance, (int, float)) and self.lowering_tolerance > 0):
+            raise ValueError(f"TuckerConfig.lowering_tolerance: expected a positive number, got {self.lowering_tolerance!r}")
+        for name in ("only_if_cheaper", "validate", "fold_bn", "tune", "merge", "inductor"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"TuckerConfig.{name}: expected True or False, got {getattr(self, name)!r}")
         if self.progress not in (True, False, None):

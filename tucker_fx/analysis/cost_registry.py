@@ -313,3 +313,4 @@ def _pool_function(ctx: CostContext) -> OpCost:
                    torch.mean, torch.sum, "method:mean", "method:sum", aten.mean, aten.sum)
 def _reduce(ctx: CostContext) -> OpCost:
     return OpCost("reduce", other_flops=ctx.in_numel)
+

@@ -42,13 +42,17 @@ class TuckerBlock(nn.Module):
         self.core = core
         self.last = last
         self.kind, self.ranks, self.flatten = kind, tuple(ranks), flatten
+        self.partial = False  # set when a merge moved one of its maps into a neighbour
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "first"):
             x = self.first(x)
         if self.flatten:
             x = torch.flatten(x, 1)
-        return self.last(self.core(x))
+        for child in ("core", "last"):
+            if hasattr(self, child):
+                x = getattr(self, child)(x)
+        return x
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, ranks={self.ranks}" + (", flatten" if self.flatten else "")

@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 import torch.fx as fx
+import torch.nn as nn
 
 from tucker_fx.analysis.costs import SITE_KEY
 from tucker_fx.analysis.sites import Site
@@ -35,6 +36,27 @@ def block_name(entry: LayerPlan) -> str:
     return re.sub(r"\W", "_", entry.node) + "_tucker"
 
 
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+def _original_module(gm: fx.GraphModule, site: Site) -> nn.Module:
+    """The layer before decomposition, as a module (functional sites get an equivalent one)."""
+    if site.module_name is not None:
+        return gm.get_submodule(site.module_name)
+    weight, bias = site.weight(gm), site.bias(gm)
+    if site.op == "linear":
+        m: nn.Module = nn.Linear(site.in_channels, site.out_channels, bias=bias is not None)
+    else:
+        m = _CONV[site.spatial_dims](site.in_channels, site.out_channels, site.kernel_size, bias=bias is not None,
+                                     groups=site.groups, **_conv_args(site))
+    m = m.to(weight)
+    with torch.no_grad():
+        m.weight.copy_(weight)
+        if bias is not None:
+            m.bias.copy_(bias)
+    return m
+
+
 def _conv_args(site: Site) -> dict:
     return dict(stride=site.stride, padding=site.padding, dilation=site.dilation,
                 padding_mode=site.padding_mode)
@@ -49,6 +71,7 @@ class TuckerRewrite:
     progress: Optional[Progress] = None
     name: str = "tucker_rewrite"
     blocks: dict[str, TuckerBlock] = field(default_factory=dict)
+    originals: dict[str, nn.Module] = field(default_factory=dict)
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         nodes = {n.name: n for n in gm.graph.nodes}
@@ -82,6 +105,7 @@ class TuckerRewrite:
         except ValueError as exc:
             raise DecompositionError(f"layer {entry.name!r}: {exc}") from exc
         entry.weight_error = error
+        self.originals[entry.name] = _original_module(gm, site)
         name = block_name(entry)
         if site.module_name is not None:
             parent, _, leaf = name.rpartition(".")

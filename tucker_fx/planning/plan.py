@@ -8,7 +8,7 @@ Example:
     >>> result.plan["c2"].kind, result.plan["c2"].ranks
     ('tucker2', (2, 3))
     >>> result.plan["c2"].ranks = (3, 4)            # edit ...
-    >>> again = tucker_fx.apply_plan(thetis_net(), result.plan, x)   # ... and re-apply
+    >>> again = tucker_fx.apply_plan(thetis_net(), result.plan, x)  # ... and re-apply
     >>> again.plan["c2"].params_after
     998
 """
@@ -53,6 +53,9 @@ class LayerPlan:
     reason: Optional[str] = None
     notes: list[str] = field(default_factory=list)
     weight_error: Optional[float] = None
+    lowering: Optional[str] = None
+    lowering_source: Optional[str] = None
+    timings_ms: dict[str, float] = field(default_factory=dict)
 
     @property
     def applied(self) -> bool:
@@ -140,18 +143,22 @@ class Plan:
 
     def to_markdown(self) -> str:
         lines = [
-            "| layer | op | kind | ranks | params before -> after | MACs before -> after | weight rel. error | note |",
-            "|---|---|---|---|---:|---:|---:|---|",
+            "| layer | op | kind | ranks | params before -> after | MACs before -> after | weight rel. error | lowering | note |",
+            "|---|---|---|---|---:|---:|---:|---|---|",
         ]
         for l in self.layers:
             ranks = ", ".join(map(str, l.ranks)) if l.ranks else "-"
             err = f"{l.weight_error:.3g}" if l.weight_error is not None else ""
             note = "; ".join(([l.reason] if l.reason else []) + l.notes)
             kind = l.kind + (" (as conv)" if l.as_conv else "")
+            low = ""
+            if l.lowering:
+                times = ", ".join(f"{k} {v:.3g}" for k, v in sorted(l.timings_ms.items(), key=lambda kv: kv[1]))
+                low = f"{l.lowering} ({l.lowering_source}" + (f"; ms: {times}" if times else "") + ")"
             lines.append(
                 f"| {l.name} | {l.op} | {kind} | {ranks} | {l.params_before:,} -> {l.params_after:,} "
                 f"({_ratio(l.params_before, l.params_after)}) | {l.macs_before:,} -> {l.macs_after:,} "
-                f"({_ratio(l.macs_before, l.macs_after)}) | {err} | {note} |"
+                f"({_ratio(l.macs_before, l.macs_after)}) | {err} | {low} | {note} |"
             )
         return "\n".join(lines)
 

@@ -1,0 +1,19 @@
+"""Runtime kernels for decomposed layers (pure torch)."""
+
+from .fft_conv import (
+    FFTConv,
+    TuckerFFTConv,
+    clear_fft_cache,
+    fft_conv,
+    fft_size,
+    next_fast_len,
+)
+
+__all__ = [
+    "FFTConv",
+    "TuckerFFTConv",
+    "clear_fft_cache",
+    "fft_conv",
+    "fft_size",
+    "next_fast_len",
+]

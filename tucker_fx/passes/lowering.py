@@ -1,0 +1,374 @@
+"""Lowering: run each decomposed block (or plain conv) with the variant that is fastest here.
+
+For every block the pass builds candidates that compute the same function, checks each against
+the block's own output (``tolerance``), and keeps the fastest, chosen by measurement at the real
+input shape on the real device (timings cached on disk) or, with ``tune=False``, by a cost
+model. Candidates of a conv block:
+
+- ``direct``: the three convs as they are (1x1 -> core -> 1x1);
+- ``direct_channels_last``: the same with the core in channels_last(_3d) memory format;
+- ``fft``: one :class:`~tucker_fx.kernels.TuckerFFTConv` (channel mix, FFT core on R_s -> R_t
+  channels only, channel mix);
+- ``fft_mix_last``: the same with the last mix folded into the per-frequency product;
+- ``absorbed``: the first 1x1 folded into the core (a Tucker-1 shaped pair);
+- ``original``: the layer before decomposition. If it wins, the layer is not decomposed and
+  the plan says why.
+
+Linear blocks get ``direct``, ``absorbed`` and ``original``. The chosen variant replaces the
+block at its qualified name, as a single graph node (``direct`` keeps the three nodes).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from tucker_fx.analysis.cost_registry import REGISTRY, CostContext, OpCost, conv_macs
+from tucker_fx.kernels import FFTConv, TuckerFFTConv, fft_size
+from tucker_fx.passes.blocks import TuckerBlock
+from tucker_fx.passes.runner import PassResult
+from tucker_fx.passes.tucker_rewrite import block_name
+from tucker_fx.planning.plan import LayerPlan, Plan
+from tucker_fx.reporting.progress import Progress
+from tucker_fx.reporting.timing import compare_ms
+from tucker_fx.tuning.cache import TimingCache, device_key
+from tucker_fx.tuning.cost_model import direct_conv_seconds, fft_conv_seconds
+
+__all__ = ["LowerBlocks", "LowerConvs", "block_candidates", "conv_candidates", "LOWERINGS"]
+
+LOWERINGS = ("direct", "direct_channels_last", "fft", "fft_mix_last", "absorbed", "original")
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+class ChannelsLast(nn.Module):
+    """Runs ``conv`` with input and weight in channels_last(_3d) memory format."""
+
+    def __init__(self, conv: nn.Module) -> None:
+        super().__init__()
+        fmt = torch.channels_last_3d if conv.weight.dim() == 5 else torch.channels_last
+        self.conv = copy.deepcopy(conv).to(memory_format=fmt)
+        self.fmt = fmt
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x.contiguous(memory_format=self.fmt))
+
+
+class FlattenThen(nn.Module):
+    """flatten(x, 1) then ``inner``: the original Linear of a block that starts on a feature map."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(torch.flatten(x, 1))
+
+
+def _matrix(m: nn.Module) -> torch.Tensor:
+    return m.weight.detach().reshape(m.weight.shape[0], m.weight.shape[1])
+
+
+def block_candidates(block: TuckerBlock, original: Optional[nn.Module]) -> dict[str, nn.Module]:
+    """Modules that compute the same function as ``block`` (``original`` only approximately).
+
+    Variants with more parameters than the block are dropped: lowering never undoes compression.
+    """
+    cands: dict[str, nn.Module] = {"direct": block}
+    core, last = block.core, block.last
+    first = getattr(block, "first", None)
+    if isinstance(core, _CONVS):
+        if core.weight.dim() >= 4:
+            cl = copy.deepcopy(block)
+            cl.core = ChannelsLast(core)
+            cands["direct_channels_last"] = cl
+        geometry = dict(stride=core.stride, padding=core.padding, dilation=core.dilation,
+                        padding_mode=core.padding_mode)
+        f = _matrix(first) if first is not None else None
+        b = last.bias.detach() if last.bias is not None else None
+        for name, mix_last in (("fft", False), ("fft_mix_last", True)):
+            cands[name] = TuckerFFTConv(f, core.weight.detach(), _matrix(last), b,
+                                        mix_last_in_frequency=mix_last, **geometry).to(core.weight)
+        if first is not None and first.bias is None:
+            merged = type(core)(f.shape[1], core.out_channels, core.kernel_size, bias=False, **geometry).to(core.weight)
+            with torch.no_grad():
+                merged.weight.copy_(torch.einsum("tr...,rs->ts...", core.weight, f))
+            cands["absorbed"] = TuckerBlock(None, merged, copy.deepcopy(last), kind="tucker1",
+                                            ranks=(core.out_channels,))
+    elif isinstance(core, nn.Linear) and first is not None and first.bias is None:
+        f = _matrix(first)  # (R_s, S)
+        r_s, s = f.shape
+        if block.flatten:
+            positions = core.in_features // r_s
+            w = torch.einsum("tcp,cs->tsp", core.weight.detach().reshape(core.out_features, r_s, positions), f)
+            merged = nn.Linear(s * positions, core.out_features, bias=False).to(core.weight)
+        else:
+            w = core.weight.detach() @ f
+            merged = nn.Linear(s, core.out_features, bias=False).to(core.weight)
+        with torch.no_grad():
+            merged.weight.copy_(w.reshape(merged.weight.shape))
+        cands["absorbed"] = TuckerBlock(None, merged, copy.deepcopy(last), kind="svd",
+                                        ranks=(core.out_features,), flatten=block.flatten)
+    budget = sum(p.numel() for p in block.parameters())  # lowering must not undo the compression
+    cands = {k: m for k, m in cands.items() if sum(p.numel() for p in m.parameters()) <= budget}
+    if original is not None:
+        cands["original"] = FlattenThen(original) if block.flatten else original
+    return cands
+
+
+def conv_candidates(conv: nn.Module) -> dict[str, nn.Module]:
+    """Lowerings of a plain conv (no decomposition): direct, channels_last, FFT."""
+    cands: dict[str, nn.Module] = {"direct": conv}
+    if conv.weight.dim() >= 4:
+        cands["direct_channels_last"] = ChannelsLast(conv)
+    cands["fft"] = FFTConv.from_conv(conv)
+    return cands
+
+
+def _describe(m: nn.Module) -> str:
+    shapes = [tuple(p.shape) for p in m.parameters()]
+    geo = [getattr(x, attr, None) for x in m.modules() for attr in ("stride", "padding", "dilation", "padding_mode")
+           if hasattr(x, attr)]
+    return f"{type(m).__name__}:{shapes}:{geo}:{getattr(m, 'mix_last_in_frequency', '')}"
+
+
+def _rel(ref: torch.Tensor, out: torch.Tensor) -> float:
+    denom = ref.double().norm().item()
+    diff = (ref.double() - out.double()).norm().item()
+    return diff / denom if denom else diff
+
+
+@dataclass
+class _Chooser:
+    """Times candidates (with the cache) or ranks them by the cost model."""
+
+    tune: bool
+    cache: Optional[TimingCache]
+    repeats: int = 7
+    tolerance: float = 1e-5
+
+    def choose(self, cands: dict[str, nn.Module], x: torch.Tensor, exact: str = "direct",
+               allowed_inexact: tuple[str, ...] = ("original",)) -> tuple[str, dict[str, float], str, dict[str, float]]:
+        """(winner, timings ms, source, errors) among candidates within tolerance of ``exact``."""
+        with torch.no_grad():
+            ref = cands[exact](x)
+            errors = {k: _rel(ref, m(x)) for k, m in cands.items() if k not in allowed_inexact}
+        ok = {k: m for k, m in cands.items() if k in allowed_inexact or errors.get(k, 0.0) <= self.tolerance}
+        if not self.tune:
+            return "", {}, "cost model", errors
+        keys = {k: {"device": device_key(x.device), "dtype": str(x.dtype), "shape": list(x.shape),
+                    "candidate": k, "module": _describe(m)} for k, m in ok.items()}
+        cached = {k: self.cache.get(key) for k, key in keys.items()} if self.cache is not None else {}
+        if cached and all(v is not None for v in cached.values()):
+            times, source = {k: float(v) for k, v in cached.items()}, "cache"  # type: ignore[arg-type]
+        else:
+            times = compare_ms({k: (lambda m=m: m(x)) for k, m in ok.items()}, repeats=self.repeats)
+            source = "measured"
+            if self.cache is not None:
+                for k, ms in times.items():
+                    self.cache.put(keys[k], ms)
+        return min(times, key=times.__getitem__), times, source, errors
+
+
+def _example(node: fx.Node, device: torch.device) -> torch.Tensor:
+    tm = node.meta["tensor_meta"]
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(tuple(tm.shape), generator=gen, dtype=tm.dtype).to(device)
+
+
+def _cost_model_pick(block: TuckerBlock, x_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> tuple[str, dict[str, float]]:
+    core = block.core
+    if not isinstance(core, _CONVS):
+        return "direct", {}
+    r_s, r_t = core.in_channels, core.out_channels
+    spatial_in = list(x_shape[2:])
+    macs = out_shape[0] * math.prod(out_shape[2:]) * math.prod(core.weight.shape)
+    direct = direct_conv_seconds(macs=macs, c_in=r_s, c_out=r_t)
+    try:
+        shape = fft_size(spatial_in, core.kernel_size, core.stride, core.padding, core.dilation, core.padding_mode)
+    except ValueError:
+        return "direct", {"direct": direct * 1e3}
+    fft = fft_conv_seconds(batch=x_shape[0], c_in=r_s, c_out=r_t, fft_shape=tuple(shape))
+    est = {"direct": direct * 1e3, "fft": fft * 1e3}
+    return min(est, key=est.__getitem__), est
+
+
+def _replace_chain(gm: fx.GraphModule, name: str, module: nn.Module, entry: LayerPlan) -> None:
+    """Swap the block's nodes (``name.first``/``core``/``last`` and a flatten) for ``module``.
+
+    A :class:`TuckerBlock` or :class:`FlattenThen` is spliced in as ordinary nodes (so the
+    analysis and later passes see plain convs/linears); any other module becomes one node.
+    """
+    graph = gm.graph
+    chain = [n for n in graph.nodes if n.op == "call_module" and str(n.target).rpartition(".")[0] == name
+             and str(n.target).rpartition(".")[2] in ("first", "core", "last")]
+    if not chain:
+        raise ValueError(f"no graph nodes of block {name!r}")
+    first, last = chain[0], chain[-1]
+    flatten = isinstance(module, FlattenThen)
+    inner = module.inner if isinstance(module, FlattenThen) else module
+    parent, _, leaf = name.rpartition(".")
+    setattr(gm.get_submodule(parent) if parent else gm, leaf, inner)
+    with graph.inserting_before(first):
+        x = first.args[0]
+        if flatten or (isinstance(inner, TuckerBlock) and inner.flatten):
+            x = graph.call_function(torch.flatten, (x, 1))
+        if isinstance(inner, TuckerBlock):
+            for child in ("first", "core", "last"):
+                if hasattr(inner, child):
+                    x = graph.call_module(f"{name}.{child}", (x,))
+                    x.meta["tucker_fx.origin"] = entry.node
+        else:
+            x = graph.call_module(name, (x,))
+            x.meta["tucker_fx.origin"] = entry.node
+    x.meta["tensor_meta"] = last.meta.get("tensor_meta")
+    last.replace_all_uses_with(x)
+    for n in reversed(list(graph.nodes)):
+        if n in chain or (n.op == "call_function" and n.target is torch.flatten and not n.users
+                          and n.args and n.args[0] in chain):
+            graph.erase_node(n)
+
+
+@dataclass
+class LowerBlocks:
+    """Graph pass over a compressed graph with ``tensor_meta``; records choices in the plan."""
+
+    plan: Plan
+    originals: dict[str, nn.Module]
+    tune: bool = True
+    cache: Optional[TimingCache] = None
+    repeats: int = 7
+    tolerance: float = 1e-5
+    progress: Optional[Progress] = None
+    revert_margin_ms: float = 0.05
+    name: str = "lower_blocks"
+    """The original layer comes back only if it beats every variant by more than this."""
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        chooser = _Chooser(self.tune, self.cache, self.repeats, self.tolerance)
+        applied = self.plan.applied
+        modified = False
+        for i, entry in enumerate(applied):
+            name = block_name(entry)
+            block = gm.get_submodule(name)
+            if not isinstance(block, TuckerBlock):
+                continue
+            chain = [n for n in gm.graph.nodes if n.op == "call_module" and str(n.target).rpartition(".")[0] == name]
+            if not chain or "tensor_meta" not in chain[0].args[0].meta:
+                continue
+            if sum(1 for n in chain if str(n.target).endswith(".core")) > 1:
+                entry.notes.append("shared module: runs as the direct chain (not lowered)")
+                continue
+            if self.progress is not None:
+                self.progress.step(i + 1, len(applied), f"lowering {entry.name}")
+            x = _example(chain[0].args[0], next(block.parameters()).device)
+            cands = block_candidates(block, self.originals.get(entry.name))
+            forced = entry.lowering if entry.lowering in cands else None
+            if forced is not None:
+                winner, times, source = forced, entry.timings_ms, "plan"
+            elif self.tune:
+                winner, times, source, _ = chooser.choose(cands, x)
+                if winner == "original":
+                    best = min((k for k in times if k != "original"), key=times.__getitem__)
+                    if times[best] - times["original"] <= self.revert_margin_ms:
+                        winner = best  # a difference this small is noise next to the size gained
+            else:
+                out_shape = tuple(chain[-1].meta["tensor_meta"].shape)
+                winner, times = _cost_model_pick(block, tuple(x.shape), out_shape)
+                source = "cost model"
+            entry.lowering, entry.timings_ms, entry.lowering_source = winner, dict(times), source
+            if winner == "original":
+                others = ", ".join(f"{k} {v:.3g} ms" for k, v in sorted(times.items(), key=lambda kv: kv[1]))
+                entry.kind = "none"
+                entry.reason = f"no decomposed variant beat the original layer on {x.device.type}: {others}"
+                entry.macs_after, entry.params_after = entry.macs_before, entry.params_before
+                _replace_chain(gm, name, cands["original"], entry)
+                modified = True
+            elif winner != "direct":
+                _replace_chain(gm, name, cands[winner], entry)
+                modified = True
+        if self.cache is not None:
+            self.cache.save()
+        if modified:
+            gm.graph.eliminate_dead_code()
+            gm.delete_all_unused_submodules()
+        return PassResult(gm, modified)
+
+
+@dataclass
+class LowerConvs:
+    """Graph pass for an undecomposed model: each plain conv gets its fastest lowering.
+
+    This is the fair baseline: the original model through the same lowering as the compressed one.
+    """
+
+    tune: bool = True
+    cache: Optional[TimingCache] = None
+    repeats: int = 7
+    tolerance: float = 1e-5
+    choices: dict[str, Any] = field(default_factory=dict)
+    name: str = "lower_convs"
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        chooser = _Chooser(self.tune, self.cache, self.repeats, self.tolerance)
+        modified = False
+        for node in list(gm.graph.nodes):
+            if node.op != "call_module":
+                continue
+            conv = gm.get_submodule(str(node.target))
+            if not isinstance(conv, _CONVS) or conv.groups != 1 or "tensor_meta" not in node.args[0].meta:
+                continue
+            x = _example(node.args[0], conv.weight.device)
+            cands = conv_candidates(conv)
+            if self.tune:
+                winner, times, source, _ = chooser.choose(cands, x, allowed_inexact=())
+            else:
+                out = node.meta["tensor_meta"].shape
+                macs = out[0] * math.prod(out[2:]) * math.prod(conv.weight.shape)
+                shape = fft_size(list(x.shape[2:]), conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                                 conv.padding_mode)
+                times = {"direct": 1e3 * direct_conv_seconds(macs=macs, c_in=conv.in_channels, c_out=conv.out_channels),
+                         "fft": 1e3 * fft_conv_seconds(batch=x.shape[0], c_in=conv.in_channels,
+                                                       c_out=conv.out_channels, fft_shape=tuple(shape))}
+                winner, source = min(times, key=times.__getitem__), "cost model"
+            self.choices[str(node.target)] = {"lowering": winner, "timings_ms": times, "source": source}
+            if winner != "direct":
+                parent, _, leaf = str(node.target).rpartition(".")
+                setattr(gm.get_submodule(parent) if parent else gm, leaf, cands[winner])
+                modified = True
+        if self.cache is not None:
+            self.cache.save()
+        return PassResult(gm, modified)
+
+
+# --- runtime kernels of the lowering pass: counted as the direct computation they replace --------
+
+@REGISTRY.register(FFTConv)
+def _fft_conv(ctx: CostContext) -> OpCost:
+    assert ctx.module is not None and ctx.out_shape is not None
+    return OpCost("conv_fft", macs=conv_macs(ctx.out_shape, tuple(ctx.module.weight.shape)))
+
+@REGISTRY.register(TuckerFFTConv)
+def _tucker_fft(ctx: CostContext) -> OpCost:
+    m = ctx.module
+    assert m is not None and ctx.out_shape is not None and ctx.in_shapes[0] is not None
+    in_shape, out_shape = ctx.in_shapes[0], ctx.out_shape
+    r_t, r_s = m.core.shape[:2]
+    d = m.core.dim() - 2
+    core_out = (out_shape[0], r_t, *out_shape[2:])
+    macs = conv_macs(core_out, tuple(m.core.shape))
+    if m.first is not None:
+        macs += conv_macs((in_shape[0], r_s, *in_shape[2:]), (r_s, in_shape[1]) + (1,) * d)
+    if m.last is not None:
+        macs += conv_macs(out_shape, (out_shape[1], r_t) + (1,) * d)
+    return OpCost("conv_fft", macs=macs)
+
+@REGISTRY.register(ChannelsLast)
+def _channels_last(ctx: CostContext) -> OpCost:
+    assert ctx.module is not None and ctx.out_shape is not None
+    return OpCost("conv", macs=conv_macs(ctx.out_shape, tuple(ctx.module.conv.weight.shape)))
