@@ -243,3 +243,31 @@ def test_apply_plan_reuses_lowering_choice():
 def test_new_config_fields_validated(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TuckerConfig(**kwargs)
+
+
+# --- max-pool before a monotone activation ----------------------------------------------------------
+
+@pytest.mark.parametrize("act", [nn.ReLU(), nn.LeakyReLU(0.1), nn.Sigmoid(), nn.Hardtanh(), nn.ELU()])
+@pytest.mark.parametrize("pool", [nn.MaxPool3d((2, 4, 4)), nn.MaxPool3d(3, stride=2, padding=1, ceil_mode=True)])
+def test_pool_before_activation_exact(act, pool):
+    from tucker_fx.passes.pool_first import PoolBeforeActivation
+
+    model = nn.Sequential(nn.Conv3d(2, 3, 1), act, pool).eval()
+    x = torch.randn(2, 2, 6, 9, 10)
+    gm = torch.fx.symbolic_trace(copy.deepcopy(model))
+    assert PoolBeforeActivation()(gm).modified
+    gm.recompile()
+    assert [n.op for n in gm.graph.nodes].count("call_module") == 3
+    assert list(gm.graph.nodes)[2].target == "2"  # the pool now runs right after the conv
+    assert torch.equal(model(x), gm(x))
+
+
+@pytest.mark.parametrize("model", [
+    nn.Sequential(nn.GELU(), nn.MaxPool2d(2)),  # not monotone
+    nn.Sequential(nn.ReLU(), nn.AvgPool2d(2)),  # not a max
+    nn.Sequential(nn.LeakyReLU(-0.5), nn.MaxPool2d(2)),  # decreasing on the negative side
+])
+def test_pool_before_activation_refuses(model):
+    from tucker_fx.passes.pool_first import PoolBeforeActivation
+
+    assert not PoolBeforeActivation()(torch.fx.symbolic_trace(model)).modified

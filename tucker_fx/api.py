@@ -26,6 +26,7 @@ from tucker_fx.config import TuckerConfig
 from tucker_fx.passes.fold_bn import FoldBatchNorm
 from tucker_fx.passes.lowering import LowerBlocks, LowerConvs
 from tucker_fx.passes.merge_linear import MergeLinear
+from tucker_fx.passes.pool_first import PoolBeforeActivation
 from tucker_fx.passes.runner import run_passes
 from tucker_fx.passes.tucker_rewrite import TuckerRewrite
 from tucker_fx.planning.plan import KINDS, Plan
@@ -111,6 +112,7 @@ def _finish(gm: fx.GraphModule, reference: Optional[fx.GraphModule], plan: Plan,
         passes.append(LowerBlocks(plan, rewrite.originals, tune=config.tune, cache=_cache(config) if config.tune else None,
                                   repeats=config.tuning_repeats, tolerance=config.lowering_tolerance,
                                   progress=progress))
+        passes.append(PoolBeforeActivation())
     if config.merge:
         passes.append(MergeLinear())
     if passes:
@@ -195,7 +197,8 @@ def lower(model: nn.Module, *example_inputs: Any, tune: bool = True,
     """The same lowering passes as ``compress``, without decomposition: the fair baseline.
 
     BatchNorm folding, each conv's fastest variant (direct, channels_last, FFT; chosen by
-    measurement or by the cost model) and the merge of adjacent linear maps. The choices are in
+    measurement or by the cost model), max-pooling moved before monotone activations, and the
+    merge of adjacent linear maps. The choices are in
     ``gm.meta["tucker_fx.lowering"]``.
 
     Example:
@@ -210,6 +213,6 @@ def lower(model: nn.Module, *example_inputs: Any, tune: bool = True,
     gm, _ = _analysed_copy(model, example_inputs)
     gm, _ = _prepare(gm, example_inputs, config)
     lowering = LowerConvs(tune=tune, cache=_cache(config) if tune else None, repeats=config.tuning_repeats)
-    gm = run_passes(gm, [lowering] + ([MergeLinear()] if merge else []))
+    gm = run_passes(gm, [lowering, PoolBeforeActivation()] + ([MergeLinear()] if merge else []))
     gm.meta["tucker_fx.lowering"] = lowering.choices
     return gm
