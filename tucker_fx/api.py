@@ -44,7 +44,8 @@ PLAN_META_KEY = "tucker_fx.plan"
 class CompressionResult:
     """``module``: the compressed GraphModule; ``plan``: what was done per layer;
     ``before``/``after``: cost reports; ``validation``: errors against the original (or None);
-    ``compiled``: ``torch.compile(module)`` when ``TuckerConfig(inductor=True)``."""
+    ``compiled``: ``torch.compile(module)`` when ``TuckerConfig(inductor=True)``; ``exported``: the
+    compressed model re-exported, when ``compress`` was given a ``torch.export.ExportedProgram``."""
 
     module: fx.GraphModule
     plan: Plan
@@ -52,6 +53,7 @@ class CompressionResult:
     after: CostReport
     validation: Optional[ValidationReport]
     compiled: Optional[Callable[..., Any]] = None
+    exported: Optional[Any] = None  # a torch.export.ExportedProgram when one was compressed
 
     @property
     def params_ratio(self) -> float:
@@ -74,6 +76,8 @@ class CompressionResult:
 
 
 def _check_inputs(fn: str, model: Any, example_inputs: tuple) -> None:
+    if isinstance(model, torch.export.ExportedProgram):
+        return
     if not isinstance(model, nn.Module):
         raise TypeError(f"{fn} expects a torch.nn.Module or fx.GraphModule, got {type(model).__name__}")
     if not example_inputs:
@@ -130,6 +134,9 @@ def _finish(gm: fx.GraphModule, reference: Optional[fx.GraphModule], plan: Plan,
 def compress(model: nn.Module, *example_inputs: Any, config: Optional[TuckerConfig] = None) -> CompressionResult:
     """Tucker-decompose the conv/linear layers of ``model``; the model itself is not changed.
 
+    ``model`` is an ``nn.Module``, an ``fx.GraphModule`` or a ``torch.export.ExportedProgram``
+    (then ``result.exported`` is the compressed program, ready for ``torch.export.save``).
+
     Example:
         >>> import torch, torch.nn as nn, tucker_fx
         >>> net = nn.Sequential(nn.Conv3d(16, 32, 3), nn.ReLU(), nn.Conv3d(32, 32, 3)).eval()
@@ -141,6 +148,10 @@ def compress(model: nn.Module, *example_inputs: Any, config: Optional[TuckerConf
     config = config if config is not None else TuckerConfig()
     if not isinstance(config, TuckerConfig):
         raise TypeError(f"config must be a TuckerConfig, got {type(config).__name__}")
+    if isinstance(model, torch.export.ExportedProgram):
+        result = compress(model.module(), *example_inputs, config=config)
+        result.exported = torch.export.export(result.module, tuple(example_inputs))
+        return result
     progress = Progress(config.progress)
     gm, before = _analysed_copy(model, example_inputs)
     gm, reference = _prepare(gm, example_inputs, config)

@@ -248,6 +248,12 @@ except ImportError:  # pragma: no cover - older torch
     pass
 
 
+@REGISTRY.register(F.interpolate, "method:repeat_interleave", torch.repeat_interleave, aten.upsample_nearest3d,
+                   aten.upsample_trilinear3d, aten.upsample_nearest2d, aten.upsample_bilinear2d)
+def _resample(ctx: CostContext) -> OpCost:
+    return OpCost("resample", other_flops=ctx.out_numel)
+
+
 @REGISTRY.register(*FREE)
 def _free(ctx: CostContext) -> OpCost:
     return OpCost("free")

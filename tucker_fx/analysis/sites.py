@@ -77,8 +77,15 @@ class Site:
 
     @property
     def display_name(self) -> str:
-        """Qualified module name for module sites, else the node name."""
-        return self.module_name if self.module_name is not None else self.node.name
+        """Qualified module name for module sites; for a functional site whose weight is an
+        attribute ``a.b.weight``, ``a.b`` (how Dynamo and torch.export graphs name layers);
+        else the node name."""
+        if self.module_name is not None:
+            return self.module_name
+        w = self.weight_node
+        if w is not None and w.op == "get_attr" and str(w.target).endswith(".weight"):
+            return str(w.target)[: -len(".weight")]
+        return self.node.name
 
     def weight(self, gm: fx.GraphModule) -> torch.Tensor:
         """The weight tensor itself (a Parameter for module and ``get_attr`` sites)."""

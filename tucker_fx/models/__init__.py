@@ -16,19 +16,21 @@ import torch.nn as nn
 
 from tucker_fx.models.resnet3d import RESNET3D_INPUT_SHAPE, ResNet3d, resnet3d18
 from tucker_fx.models.testnets import TEST_MODELS
+from tucker_fx.models.video import VIDEO_MODELS
 from tucker_fx.models.thetis import (
     THETIS_INPUT_SHAPE, THETIS_LAYERS, ThetisNet, thetis_net, thetis_paper_config,
 )
 
 __all__ = [
     "THETIS_INPUT_SHAPE", "THETIS_LAYERS", "ThetisNet", "thetis_net", "thetis_paper_config", "RESNET3D_INPUT_SHAPE",
-    "ResNet3d", "resnet3d18", "TEST_MODELS", "BUILTIN_MODELS", "get_model",
+    "ResNet3d", "resnet3d18", "TEST_MODELS", "VIDEO_MODELS", "BUILTIN_MODELS", "get_model",
 ]
 
 BUILTIN_MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "thetis": (thetis_net, THETIS_INPUT_SHAPE),
     "resnet3d18": (resnet3d18, RESNET3D_INPUT_SHAPE),
     **TEST_MODELS,
+    **VIDEO_MODELS,
 }
 
 

@@ -78,6 +78,13 @@ def _macs(gm: fx.GraphModule, node: fx.Node) -> int:
     return _numel(node) * per_out
 
 
+def _called_once(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A module called from several nodes (a shared layer) must not be changed in place."""
+    if node.op != "call_module":
+        return True
+    return sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == node.target) == 1
+
+
 def _params(*mods: nn.Module) -> int:
     return sum(p.numel() for m in mods for p in m.parameters())
 
@@ -140,11 +147,13 @@ class MergeLinear:
         return chain, None
 
     def _try(self, gm: fx.GraphModule, a: fx.Node) -> bool:
+        if not _called_once(gm, a):
+            return False
         ma = _module(gm, a)
         if ma is None or not (is_pointwise_conv(ma) or isinstance(ma, nn.Linear)) or ma.weight.dim() < 2:
             return False
         chain, b = self._walk(gm, a)
-        if b is None:
+        if b is None or (b.op == "call_module" and not _called_once(gm, b)):
             return False
         mb = _module(gm, b)
         if isinstance(ma, nn.Linear) and isinstance(mb, nn.Linear):
@@ -156,12 +165,12 @@ class MergeLinear:
         if isinstance(mb, _AVGPOOLS) and getattr(mb, "padding", 0) in (0, (0,), (0, 0), (0, 0, 0)) and len(b.users) == 1:
             after = next(iter(b.users))
             mc = _module(gm, after)
-            if mc is not None and is_pointwise_conv(mc) and type(mc) is type(ma) and not chain:
+            if mc is not None and is_pointwise_conv(mc) and type(mc) is type(ma) and not chain and _called_once(gm, after):
                 return self._merge_pair(gm, a, after, [], ma, mc, pool=b)
         if b.op == "call_function" and b.target is torch.flatten and len(b.users) == 1 and not chain:
             lin = next(iter(b.users))
             ml = _module(gm, lin)
-            if isinstance(ml, nn.Linear) and tuple(b.args[1:]) in ((1,), ()) and b.kwargs == {}:
+            if isinstance(ml, nn.Linear) and tuple(b.args[1:]) in ((1,), ()) and b.kwargs == {} and _called_once(gm, lin):
                 return self._merge_flatten(gm, a, b, lin, ma, ml)
         if isinstance(mb, _CONVS) and type(mb) is type(ma) and mb.groups == 1 and ma.bias is None and not chain:
             return self._absorb_into_conv(gm, a, b, ma, mb)

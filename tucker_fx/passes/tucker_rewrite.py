@@ -57,6 +57,12 @@ def _original_module(gm: fx.GraphModule, site: Site) -> nn.Module:
     return m
 
 
+def _same_layer(other: Site, site: Site) -> bool:
+    return other.display_name == site.display_name and (other.op, other.stride, other.padding, other.dilation,
+                                                        other.groups, other.padding_mode) == \
+        (site.op, site.stride, site.padding, site.dilation, site.groups, site.padding_mode)
+
+
 def _conv_args(site: Site) -> dict:
     return dict(stride=site.stride, padding=site.padding, dilation=site.dilation,
                 padding_mode=site.padding_mode)
@@ -113,9 +119,8 @@ class TuckerRewrite:
         else:
             gm.add_submodule(name, block)
         self.blocks[entry.name] = block
-        # every call of a shared module goes through the one block
-        targets = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == site.module_name] \
-            if site.module_name is not None else [site.node]
+        # every call of a shared layer goes through the one block (same weight, same geometry)
+        targets = [n for n in gm.graph.nodes if SITE_KEY in n.meta and _same_layer(n.meta[SITE_KEY], site)]
         for node in targets:
             self._splice(gm, node, entry, name, block, nodes)
 

@@ -147,7 +147,10 @@ def _layer_errors(reference: nn.Module, compressed: nn.Module, inputs: tuple,
     for entry in plan.applied:
         if entry.node not in acts or entry.input_node not in acts:
             continue
-        block = compressed.get_submodule(block_name(entry))
+        try:
+            block = compressed.get_submodule(block_name(entry))
+        except AttributeError:
+            continue  # merged away entirely into its neighbours
         if getattr(block, "partial", False):
             continue  # merged with a neighbour: its error shows in the end-to-end figures
         errors[entry.name] = _rel(acts[entry.node], block(acts[entry.input_node]))

@@ -1,0 +1,5 @@
+"""The ``torch.compile`` backend (``backend="tucker"``)."""
+
+from tucker_fx.backend.dynamo import BACKEND_OPTIONS, lift_parameters, tucker_backend
+
+__all__ = ["tucker_backend", "lift_parameters", "BACKEND_OPTIONS"]
