@@ -63,6 +63,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import is_fake
 from torch.utils.weak import WeakIdKeyDictionary
 
 __all__ = [
@@ -394,6 +395,7 @@ def _stamp(deps: Sequence[Tensor]) -> Optional[tuple]:
         if any(
             type(d) not in (Tensor, nn.Parameter)
             or d.device.type == "meta"
+            or is_fake(d)
             or d.is_inference()
             or _is_functorch_wrapped(d)
             for d in deps

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import math
+import statistics
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -36,7 +37,7 @@ from tucker_fx.passes.runner import PassResult
 from tucker_fx.passes.tucker_rewrite import block_name
 from tucker_fx.planning.plan import LayerPlan, Plan
 from tucker_fx.reporting.progress import Progress
-from tucker_fx.reporting.timing import compare_ms
+from tucker_fx.reporting.timing import compare_samples
 from tucker_fx.tuning.cache import TimingCache, device_key
 from tucker_fx.tuning.cost_model import direct_conv_seconds, fft_conv_seconds
 
@@ -167,12 +168,21 @@ class _Chooser:
         if cached and all(v is not None for v in cached.values()):
             times, source = {k: float(v) for k, v in cached.items()}, "cache"  # type: ignore[arg-type]
         else:
-            times = compare_ms({k: (lambda m=m: m(x)) for k, m in ok.items()}, repeats=self.repeats)
+            samples = compare_samples({k: (lambda m=m: m(x)) for k, m in ok.items()}, repeats=self.repeats)
+            times = {k: statistics.median(v) for k, v in samples.items()}
             source = "measured"
-            if self.cache is not None:
-                for k, ms in times.items():
+            if self.cache is not None and all(_steady(v) for v in samples.values()):
+                for k, ms in times.items():  # timings taken on a busy machine are not kept
                     self.cache.put(keys[k], ms)
         return min(times, key=times.__getitem__), times, source, errors
+
+
+def _steady(samples: list[float]) -> bool:
+    """No wild spread between the runs (another process grabbing a core shows up as one)."""
+    if len(samples) < 3:
+        return True
+    q = statistics.quantiles(samples, n=4)
+    return q[2] <= 1.5 * q[0]
 
 
 def _example(node: fx.Node, device: torch.device) -> torch.Tensor:
@@ -247,7 +257,7 @@ class LowerBlocks:
     progress: Optional[Progress] = None
     revert_margin_ms: float = 0.05
     name: str = "lower_blocks"
-    """The original layer comes back only if it beats every variant by more than this."""
+    """The original layer comes back only if it beats every variant by more than this and by 10%."""
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         chooser = _Chooser(self.tune, self.cache, self.repeats, self.tolerance)
@@ -275,7 +285,8 @@ class LowerBlocks:
                 winner, times, source, _ = chooser.choose(cands, x)
                 if winner == "original":
                     best = min((k for k in times if k != "original"), key=times.__getitem__)
-                    if times[best] - times["original"] <= self.revert_margin_ms:
+                    gain = times[best] - times["original"]
+                    if gain <= self.revert_margin_ms or gain <= 0.1 * times["original"]:
                         winner = best  # a difference this small is noise next to the size gained
             else:
                 out_shape = tuple(chain[-1].meta["tensor_meta"].shape)

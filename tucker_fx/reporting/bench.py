@@ -64,7 +64,8 @@ def build_variants(model_name: str, batch: int = 1, device: str = "cpu", *,
     if "original" in variants:
         built["original"] = model
     if "original_lowered" in variants:
-        built["original_lowered"] = timed("original_lowered", lambda: tucker_fx.lower(model, x, tune=tune))
+        built["original_lowered"] = timed("original_lowered", lambda: tucker_fx.lower(model, x, tune=tune,
+                                                                                      tuning_cache=False))
     if "original_compiled" in variants:
         built["original_compiled"] = timed("original_compiled", lambda: torch.compile(model))
     if "tucker" in variants:
@@ -74,7 +75,7 @@ def build_variants(model_name: str, batch: int = 1, device: str = "cpu", *,
         facts["tucker"] = {"params": plain.after.total_params, "flops": plain.after.total_flops}
     if {"tucker_lowered", "tucker_compiled"} & set(variants):
         low = timed("tucker_lowered", lambda: tucker_fx.compress(
-            model, x, config=bench_config(model_name, tune=tune, validate=False)))
+            model, x, config=bench_config(model_name, tune=tune, validate=False, tuning_cache=False)))
         facts["tucker_lowered"] = {"params": low.after.total_params, "flops": low.after.total_flops,
                                    "lowering": {e.name: e.lowering for e in low.plan if e.lowering}}
         if "tucker_lowered" in variants:

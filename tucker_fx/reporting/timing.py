@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-__all__ = ["median_ms", "compare_ms", "sync"]
+__all__ = ["median_ms", "compare_ms", "compare_samples", "sync"]
 
 
 def sync(device: Optional[torch.device] = None) -> None:
@@ -33,6 +33,11 @@ def median_ms(fn: Callable[..., Any], *args: Any, repeats: int = 7, warmup: int 
 
 def compare_ms(fns: dict[str, Callable[[], Any]], *, repeats: int = 7, warmup: int = 1) -> dict[str, float]:
     """Median wall time (ms) of each callable, run round-robin: a, b, c, a, b, c, ..."""
+    return {k: statistics.median(v) for k, v in compare_samples(fns, repeats=repeats, warmup=warmup).items()}
+
+
+def compare_samples(fns: dict[str, Callable[[], Any]], *, repeats: int = 7, warmup: int = 1) -> dict[str, list[float]]:
+    """Every timed run (ms) of each callable, round-robin, under ``torch.no_grad``."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     samples: dict[str, list[float]] = {k: [] for k in fns}
@@ -47,4 +52,4 @@ def compare_ms(fns: dict[str, Callable[[], Any]], *, repeats: int = 7, warmup: i
                 fn()
                 sync()
                 samples[name].append((time.perf_counter() - start) * 1e3)
-    return {k: statistics.median(v) for k, v in samples.items()}
+    return samples
