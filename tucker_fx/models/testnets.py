@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "Conv1dNet", "Conv2dNet", "Residual3dNet", "FunctionalConvNet", "SharedWeightNet",
-    "DepthwiseNet", "TEST_MODELS",
+    "DepthwiseNet", "TEST_MODELS", "seeded",
 ]
 
 
@@ -137,7 +137,8 @@ class DepthwiseNet(nn.Module):
         return self.pw(x)
 
 
-def _seeded(cls: type[nn.Module]) -> Callable[[], nn.Module]:
+def seeded(cls: type[nn.Module]) -> Callable[[], nn.Module]:
+    """A factory building ``cls()`` with seed 0, in eval mode (the user's RNG state is kept)."""
     def make() -> nn.Module:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
@@ -148,10 +149,10 @@ def _seeded(cls: type[nn.Module]) -> Callable[[], nn.Module]:
 
 
 TEST_MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
-    "conv1d": (_seeded(Conv1dNet), (2, 3, 64)),
-    "conv2d": (_seeded(Conv2dNet), (2, 3, 16, 16)),
-    "residual3d": (_seeded(Residual3dNet), (2, 3, 8, 16, 16)),
-    "functional": (_seeded(FunctionalConvNet), (2, 3, 16, 16)),
-    "shared": (_seeded(SharedWeightNet), (2, 8, 8, 8)),
-    "depthwise": (_seeded(DepthwiseNet), (2, 3, 12, 12)),
+    "conv1d": (seeded(Conv1dNet), (2, 3, 64)),
+    "conv2d": (seeded(Conv2dNet), (2, 3, 16, 16)),
+    "residual3d": (seeded(Residual3dNet), (2, 3, 8, 16, 16)),
+    "functional": (seeded(FunctionalConvNet), (2, 3, 16, 16)),
+    "shared": (seeded(SharedWeightNet), (2, 8, 8, 8)),
+    "depthwise": (seeded(DepthwiseNet), (2, 3, 12, 12)),
 }

@@ -25,6 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tucker_fx.models.testnets import seeded
+
 __all__ = ["VideoUNet", "Swin3dSeg", "VIDEO_MODELS"]
 
 
@@ -174,17 +176,7 @@ class Swin3dSeg(nn.Module):
         return self.head(F.gelu(self.decode2(y)))
 
 
-def _seeded(cls: type[nn.Module]) -> Callable[[], nn.Module]:
-    def make() -> nn.Module:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            return cls().eval()
-
-    make.__name__ = cls.__name__
-    return make
-
-
 VIDEO_MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
-    "video_unet": (_seeded(VideoUNet), (1, 4, 4, 16, 16)),
-    "swin3d_seg": (_seeded(Swin3dSeg), (1, 1, 4, 16, 16)),
+    "video_unet": (seeded(VideoUNet), (1, 4, 4, 16, 16)),
+    "swin3d_seg": (seeded(Swin3dSeg), (1, 1, 4, 16, 16)),
 }
