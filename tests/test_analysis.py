@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import zlib
 import json
 
 import pytest
@@ -76,7 +77,7 @@ def _conv_cases():
         (1, 3),
     ):
         # keep the grid fast: a deterministic thinning that still covers every value of each axis
-        key = hash((dims, kernel, stride, padding, dilation, groups, bias, batch)) % 7
+        key = zlib.crc32(repr((dims, kernel, stride, padding, dilation, groups, bias, batch)).encode()) % 7
         if key not in (0, 1):
             continue
         if padding == "same" and stride != 1:

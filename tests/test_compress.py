@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import zlib
 import json
 
 import pytest
@@ -37,7 +38,7 @@ def _grid():
         case = dict(zip(axes, combo))
         if case["padding"] == "same" and case["stride"] != 1:
             continue
-        if hash(combo) % 5:  # thin the grid deterministically; every value still appears
+        if zlib.crc32(repr(combo).encode()) % 5:  # thin the grid deterministically; every value still appears
             continue
         cases.append(tuple(combo))
     return cases

@@ -11,8 +11,9 @@ Example:
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 import torch
 
@@ -23,6 +24,7 @@ from tucker_fx.analysis.capture import capture
 from tucker_fx.analysis.costs import CostReport, annotate_costs
 from tucker_fx.analysis.shapes import propagate_shapes
 from tucker_fx.config import TuckerConfig
+from tucker_fx.errors import DecompositionError
 from tucker_fx.passes.fold_bn import FoldBatchNorm
 from tucker_fx.passes.lowering import LowerBlocks, LowerConvs
 from tucker_fx.passes.merge_linear import MergeLinear
@@ -32,10 +34,10 @@ from tucker_fx.passes.tucker_rewrite import TuckerRewrite
 from tucker_fx.planning.plan import KINDS, Plan
 from tucker_fx.planning.planner import build_plan
 from tucker_fx.reporting.progress import Progress
-from tucker_fx.reporting.validation import ValidationReport, validate
+from tucker_fx.reporting.validation import ValidationReport, check_runnable_inputs, validate
 from tucker_fx.tuning.cache import TimingCache
 
-__all__ = ["CompressionResult", "compress", "apply_plan", "lower", "PLAN_META_KEY"]
+__all__ = ["CompressionResult", "compress", "apply_plan", "lower", "model_signature", "PLAN_META_KEY"]
 
 PLAN_META_KEY = "tucker_fx.plan"
 
@@ -45,7 +47,9 @@ class CompressionResult:
     """``module``: the compressed GraphModule; ``plan``: what was done per layer;
     ``before``/``after``: cost reports; ``validation``: errors against the original (or None);
     ``compiled``: ``torch.compile(module)`` when ``TuckerConfig(inductor=True)``; ``exported``: the
-    compressed model re-exported, when ``compress`` was given a ``torch.export.ExportedProgram``."""
+    compressed model re-exported, when ``compress`` was given a ``torch.export.ExportedProgram``;
+    ``config``: the config used; ``source``: what the original model looked like
+    (:func:`model_signature`), which ``tucker_fx.save`` records."""
 
     module: fx.GraphModule
     plan: Plan
@@ -54,6 +58,8 @@ class CompressionResult:
     validation: Optional[ValidationReport]
     compiled: Optional[Callable[..., Any]] = None
     exported: Optional[Any] = None  # a torch.export.ExportedProgram when one was compressed
+    config: Optional[TuckerConfig] = None
+    source: Optional[dict[str, Any]] = None
 
     @property
     def params_ratio(self) -> float:
@@ -84,6 +90,33 @@ def _check_inputs(fn: str, model: Any, example_inputs: tuple) -> None:
         raise ValueError(f"{fn} needs example inputs, e.g. {fn}(model, torch.randn(1, 3, 16, 112, 112))")
 
 
+def model_signature(model: nn.Module, example_inputs: tuple) -> dict[str, Any]:
+    """What a model looks like, as plain data: its class, each state-dict tensor's shape and
+    dtype, each submodule's training flag, and the example inputs' shapes and dtypes.
+
+    Reads only names, shapes and flags (no values); the model is not changed.
+
+    Example:
+        >>> import torch, torch.nn as nn
+        >>> sig = model_signature(nn.Linear(3, 2), (torch.empty(4, 3),))
+        >>> sig["class"], sig["tensors"]["weight"], sig["inputs"]
+        ('Linear', {'shape': [2, 3], 'dtype': 'float32'}, [{'shape': [4, 3], 'dtype': 'float32'}])
+    """
+    def describe(t: Any) -> dict[str, Any]:
+        if isinstance(t, torch.Tensor):
+            return {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
+        return {"shape": [], "dtype": type(t).__name__}
+
+    tensors = {name: describe(t) for name, t in model.state_dict(keep_vars=True).items()
+               if isinstance(t, torch.Tensor)}
+    return {
+        "class": type(model).__name__,
+        "tensors": tensors,
+        "training": {name: m.training for name, m in model.named_modules()},
+        "inputs": [describe(a) for a in example_inputs],
+    }
+
+
 def _analysed_copy(model: nn.Module, example_inputs: tuple) -> tuple[fx.GraphModule, CostReport]:
     gm = capture(model, copy_weights=True)
     propagate_shapes(gm, example_inputs)
@@ -106,8 +139,26 @@ def _cache(config: TuckerConfig) -> Optional[TimingCache]:
     return TimingCache(None if config.tuning_cache is True else config.tuning_cache)
 
 
-def _finish(gm: fx.GraphModule, reference: Optional[fx.GraphModule], plan: Plan, before: CostReport,
-            example_inputs: tuple, config: TuckerConfig, progress: Progress) -> CompressionResult:
+def _nothing_to_do(model: nn.Module, plan: Plan, example_inputs: tuple, config: TuckerConfig) -> CompressionResult:
+    """No layer to decompose: the model as traced, with no pass applied (no BatchNorm folding,
+    lowering or merge either), and a plan that says why."""
+    if not plan.layers:
+        plan.notes.append("the model has no conv or linear layer (nn.Conv1d/2d/3d, nn.ConvTranspose*, nn.Linear "
+                          "or their functional forms): nothing to decompose; the model is returned as traced")
+    else:
+        plan.notes.append("no layer is to be decomposed (each layer's reason is in its row); the model is "
+                          "returned as traced, with no pass applied")
+    gm, report = _analysed_copy(model, example_inputs)
+    gm.meta[PLAN_META_KEY] = plan
+    validation = validate(gm, gm, *example_inputs) if config.validate else None
+    compiled = torch.compile(gm) if config.inductor else None
+    return CompressionResult(gm, plan, report, report, validation, compiled, config=config)
+
+
+def _finish(model: nn.Module, gm: fx.GraphModule, reference: Optional[fx.GraphModule], plan: Plan,
+            before: CostReport, example_inputs: tuple, config: TuckerConfig, progress: Progress) -> CompressionResult:
+    if not plan.applied:
+        return _nothing_to_do(model, plan, example_inputs, config)
     rewrite = TuckerRewrite(plan, hooi_iters=config.hooi_iters, progress=progress)
     gm = run_passes(gm, [rewrite])
     propagate_shapes(gm, example_inputs)
@@ -121,6 +172,8 @@ def _finish(gm: fx.GraphModule, reference: Optional[fx.GraphModule], plan: Plan,
         passes.append(MergeLinear())
     if passes:
         gm = run_passes(gm, passes)
+    if not plan.applied:  # the lowering put every original layer back
+        plan.notes.append("no layer was decomposed: each layer's reason is in its row")
     gm.meta[PLAN_META_KEY] = plan
     propagate_shapes(gm, example_inputs)
     after = annotate_costs(gm)
@@ -128,9 +181,25 @@ def _finish(gm: fx.GraphModule, reference: Optional[fx.GraphModule], plan: Plan,
     if reference is not None:
         validation = validate(reference, gm, *example_inputs, reference_graph=reference)
     compiled = torch.compile(gm) if config.inductor else None
-    return CompressionResult(gm, plan, before, after, validation, compiled)
+    return CompressionResult(gm, plan, before, after, validation, compiled, config=config)
 
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _keeps_global_rng(fn: _F) -> _F:
+    """Run ``fn`` on a fork of torch's CPU random state: the modules that the passes build draw
+    their (discarded) initial weights from it, and the caller's random stream must not move."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with torch.random.fork_rng(devices=[]):
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@_keeps_global_rng
 def compress(model: nn.Module, *example_inputs: Any, config: Optional[TuckerConfig] = None) -> CompressionResult:
     """Tucker-decompose the conv/linear layers of ``model``; the model itself is not changed.
 
@@ -148,6 +217,8 @@ def compress(model: nn.Module, *example_inputs: Any, config: Optional[TuckerConf
     config = config if config is not None else TuckerConfig()
     if not isinstance(config, TuckerConfig):
         raise TypeError(f"config must be a TuckerConfig, got {type(config).__name__}")
+    if config.validate:
+        check_runnable_inputs("compress", example_inputs)
     if isinstance(model, torch.export.ExportedProgram):
         result = compress(model.module(), *example_inputs, config=config)
         result.exported = torch.export.export(result.module, tuple(example_inputs))
@@ -156,9 +227,12 @@ def compress(model: nn.Module, *example_inputs: Any, config: Optional[TuckerConf
     gm, before = _analysed_copy(model, example_inputs)
     gm, reference = _prepare(gm, example_inputs, config)
     plan = build_plan(gm, config, progress)
-    return _finish(gm, reference, plan, before, example_inputs, config, progress)
+    result = _finish(model, gm, reference, plan, before, example_inputs, config, progress)
+    result.source = model_signature(model, example_inputs)
+    return result
 
 
+@_keeps_global_rng
 def apply_plan(model: nn.Module, plan: Plan, *example_inputs: Any,
                config: Optional[TuckerConfig] = None) -> CompressionResult:
     """Rebuild the compressed structure of ``plan`` (edited, or loaded with ``Plan.load``) on ``model``.
@@ -169,14 +243,21 @@ def apply_plan(model: nn.Module, plan: Plan, *example_inputs: Any,
     if not isinstance(plan, Plan):
         raise TypeError(f"apply_plan expects a tucker_fx.Plan, got {type(plan).__name__}")
     config = config if config is not None else TuckerConfig()
+    if not isinstance(config, TuckerConfig):
+        raise TypeError(f"config must be a TuckerConfig, got {type(config).__name__}")
+    if config.validate:
+        check_runnable_inputs("apply_plan", example_inputs)
     progress = Progress(config.progress)
     gm, before = _analysed_copy(model, example_inputs)
     gm, reference = _prepare(gm, example_inputs, config)
-    from tucker_fx.planning.planner import candidate_sites
+    from tucker_fx.planning.planner import candidate_sites, check_plan_entry
 
+    sites = {s.display_name: s for s in candidate_sites(gm)}
     # layers the plan does not mention stay as they are
-    overrides: dict[str, Any] = {s.display_name: None for s in candidate_sites(gm)}
+    overrides: dict[str, Any] = {name: None for name in sites}
     for entry in plan:
+        if entry.name in sites:
+            check_plan_entry(entry, sites[entry.name])
         if entry.kind not in KINDS:
             raise ValueError(f"plan entry {entry.name!r}: kind {entry.kind!r}, expected one of {KINDS}")
         if entry.kind == "none":
@@ -189,7 +270,12 @@ def apply_plan(model: nn.Module, plan: Plan, *example_inputs: Any,
             if entry.ranks is None or len(entry.ranks) != 1:
                 raise ValueError(f"plan entry {entry.name!r}: {entry.kind} needs one rank, got {entry.ranks!r}")
             overrides[entry.name] = int(entry.ranks[0])
-    replanned = build_plan(gm, config.replace(ranks=overrides, only_if_cheaper=False), progress)
+    try:
+        replanned = build_plan(gm, config.replace(ranks=overrides, only_if_cheaper=False), progress)
+    except DecompositionError:
+        raise
+    except ValueError as exc:  # the checks are phrased for TuckerConfig.ranks: say where the ranks came from
+        raise ValueError(f"the plan does not fit this model: {exc}") from exc
     known = {e.name for e in plan}
     for new in replanned:
         if new.name not in known:
@@ -200,9 +286,12 @@ def apply_plan(model: nn.Module, plan: Plan, *example_inputs: Any,
                 new.reason = old.reason
             new.lowering = old.lowering if old.lowering != "original" else None
             new.timings_ms = dict(old.timings_ms)
-    return _finish(gm, reference, replanned, before, example_inputs, config, progress)
+    result = _finish(model, gm, reference, replanned, before, example_inputs, config, progress)
+    result.source = model_signature(model, example_inputs)
+    return result
 
 
+@_keeps_global_rng
 def lower(model: nn.Module, *example_inputs: Any, tune: bool = True,
           tuning_cache: "bool | str" = True, fold_bn: bool = True, merge: bool = True) -> fx.GraphModule:
     """The same lowering passes as ``compress``, without decomposition: the fair baseline.

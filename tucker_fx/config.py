@@ -34,7 +34,7 @@ def _check_layer_ranks(name: str, value: Any) -> LayerRanks:
         raise ValueError(f"TuckerConfig.ranks[{name!r}]: expected (R_s, R_t), an int or None, got {value!r}")
     if isinstance(value, int):
         if value < 1:
-            raise ValueError(f"TuckerConfig.ranks[{name!r}]: ranks must be >= 1, got {value}")
+            raise ValueError(f"TuckerConfig.ranks[{name!r}]: expected ranks >= 1, got {value}")
         return value
     if isinstance(value, (tuple, list)):
         if len(value) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
@@ -43,7 +43,7 @@ def _check_layer_ranks(name: str, value: Any) -> LayerRanks:
                 f"Tucker-1/SVD, got {value!r} ({len(value)} values)"
             )
         if min(value) < 1:
-            raise ValueError(f"TuckerConfig.ranks[{name!r}]: ranks must be >= 1, got {tuple(value)}")
+            raise ValueError(f"TuckerConfig.ranks[{name!r}]: expected ranks >= 1, got {tuple(value)}")
         return (int(value[0]), int(value[1]))
     raise ValueError(f"TuckerConfig.ranks[{name!r}]: expected (R_s, R_t), an int or None, got {value!r}")
 
@@ -128,7 +128,7 @@ class TuckerConfig:
         object.__setattr__(self, "exclude", tuple(self.exclude))
         if self.layer_filter is not None and not callable(self.layer_filter):
             raise ValueError(f"TuckerConfig.layer_filter: expected a callable name -> bool, got {self.layer_filter!r}")
-        if not isinstance(self.hooi_iters, int) or self.hooi_iters < 0:
+        if not isinstance(self.hooi_iters, int) or isinstance(self.hooi_iters, bool) or self.hooi_iters < 0:
             raise ValueError(f"TuckerConfig.hooi_iters: expected an int >= 0, got {self.hooi_iters!r}")
         if self.lowering not in LOWERING_MODES:
             raise ValueError(f"TuckerConfig.lowering: expected one of {LOWERING_MODES}, got {self.lowering!r}")
@@ -136,7 +136,8 @@ class TuckerConfig:
             raise ValueError(f"TuckerConfig.tuning_repeats: expected an int >= 1, got {self.tuning_repeats!r}")
         if not isinstance(self.tuning_cache, (bool, str)):
             raise ValueError(f"TuckerConfig.tuning_cache: expected True, False or a file path, got {self.tuning_cache!r}")
-        if not (isinstance(self.lowering_tolerance, (int, float)) and self.lowering_tolerance > 0):
+        tol = self.lowering_tolerance
+        if isinstance(tol, bool) or not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
             raise ValueError(f"TuckerConfig.lowering_tolerance: expected a positive number, got {self.lowering_tolerance!r}")
         for name in ("only_if_cheaper", "validate", "fold_bn", "tune", "merge", "inductor"):
             if not isinstance(getattr(self, name), bool):

@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from tucker_fx.errors import UntraceableModelError
 
-__all__ = ["capture"]
+__all__ = ["capture", "copy_model"]
 
 
 class _LeafTracer(fx.Tracer):
@@ -53,6 +53,19 @@ def _user_frame(exc: BaseException) -> Optional[str]:
     return f"{found.filename}:{found.lineno} in {found.name}: {line}"
 
 
+def copy_model(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)``; a model that cannot be copied gets a ``TypeError`` that says so
+    (every pass works on a copy: the user's model is never touched)."""
+    try:
+        return copy.deepcopy(model)
+    except Exception as exc:
+        raise TypeError(
+            f"tucker_fx works on a copy of the model and could not deep-copy {type(model).__name__}: "
+            f"{type(exc).__name__}: {exc}; expected a model that copy.deepcopy can copy (move locks, open "
+            "files, generators and similar handles out of the module)"
+        ) from exc
+
+
 def capture(
     model: nn.Module,
     *,
@@ -71,7 +84,7 @@ def capture(
             f"expected a torch.nn.Module or torch.fx.GraphModule, got {type(model).__name__}"
         )
     if copy_weights:
-        model = copy.deepcopy(model)
+        model = copy_model(model)
     if isinstance(model, fx.GraphModule):
         return fx.GraphModule(model, copy.deepcopy(model.graph), class_name=type(model).__name__)
     tracer = _LeafTracer(tuple(leaf_modules))

@@ -37,6 +37,7 @@ __all__ = [
     "REGISTRY",
     "conv_macs",
     "linear_macs",
+    "batched",
     "FREE",
     "ELEMENTWISE",
 ]
@@ -126,6 +127,16 @@ REGISTRY = CostRegistry()
 
 # --- formulas shared with planning -----------------------------------------------------------
 
+def batched(shape: tuple[int, ...], spatial_dims: int) -> tuple[int, ...]:
+    """A conv's input or output shape with its batch dim: ``(C, *spatial)`` becomes ``(1, C, *spatial)``.
+
+    >>> batched((3, 8, 8), 2), batched((2, 3, 8, 8), 2)
+    ((1, 3, 8, 8), (2, 3, 8, 8))
+    """
+    shape = tuple(shape)
+    return (1, *shape) if len(shape) == spatial_dims + 1 else shape
+
+
 def conv_macs(
     out_shape: tuple[int, ...],
     weight_shape: tuple[int, ...],
@@ -136,8 +147,12 @@ def conv_macs(
     """MACs of a convolution: output positions x kernel volume x (in/groups) x out.
 
     For a transposed conv the work is per *input* position (FlopCounterMode's convention):
-    pass ``in_shape``.
+    pass ``in_shape``. Unbatched shapes ``(C, *spatial)``, which torch's convs also take, count
+    as a batch of one.
     """
+    d = len(weight_shape) - 2
+    out_shape = batched(out_shape, d)
+    in_shape = batched(in_shape, d) if in_shape is not None else None
     if transposed:
         if in_shape is None:
             raise ValueError("a transposed conv needs in_shape")

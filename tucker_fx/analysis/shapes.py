@@ -55,6 +55,7 @@ def _describe(arg: Any) -> str:
 class _FakePropagator(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, fake_module: fx.GraphModule, mode: FakeTensorMode):
         super().__init__(fake_module, garbage_collect_values=True)
+        self.extra_traceback = False  # our message names the node already; no "While executing" appendix
         self._mode = mode
         self._real_nodes = {n.name: n for n in gm.graph.nodes}
         self._real_gm = gm

@@ -30,7 +30,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from tucker_fx.analysis.cost_registry import REGISTRY, CostContext, OpCost, conv_macs
+from tucker_fx.analysis.cost_registry import REGISTRY, CostContext, OpCost, batched, conv_macs
 from tucker_fx.kernels import FFTConv, TuckerFFTConv, fft_size
 from tucker_fx.passes.blocks import TuckerBlock
 from tucker_fx.passes.runner import PassResult
@@ -196,6 +196,8 @@ def _cost_model_pick(block: TuckerBlock, x_shape: tuple[int, ...], out_shape: tu
     if not isinstance(core, _CONVS):
         return "direct", {}
     r_s, r_t = core.in_channels, core.out_channels
+    d = core.weight.dim() - 2
+    x_shape, out_shape = batched(x_shape, d), batched(out_shape, d)  # torch's convs also take (C, *spatial)
     spatial_in = list(x_shape[2:])
     macs = out_shape[0] * math.prod(out_shape[2:]) * math.prod(core.weight.shape)
     direct = direct_conv_seconds(macs=macs, c_in=r_s, c_out=r_t)
@@ -339,12 +341,13 @@ class LowerConvs:
             if self.tune:
                 winner, times, source, _ = chooser.choose(cands, x, allowed_inexact=())
             else:
-                out = node.meta["tensor_meta"].shape
+                d = conv.weight.dim() - 2
+                out, x_shape = batched(tuple(node.meta["tensor_meta"].shape), d), batched(tuple(x.shape), d)
                 macs = out[0] * math.prod(out[2:]) * math.prod(conv.weight.shape)
-                shape = fft_size(list(x.shape[2:]), conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                shape = fft_size(list(x_shape[2:]), conv.kernel_size, conv.stride, conv.padding, conv.dilation,
                                  conv.padding_mode)
                 times = {"direct": 1e3 * direct_conv_seconds(macs=macs, c_in=conv.in_channels, c_out=conv.out_channels),
-                         "fft": 1e3 * fft_conv_seconds(batch=x.shape[0], c_in=conv.in_channels,
+                         "fft": 1e3 * fft_conv_seconds(batch=x_shape[0], c_in=conv.in_channels,
                                                        c_out=conv.out_channels, fft_shape=tuple(shape))}
                 winner, source = min(times, key=times.__getitem__), "cost model"
             self.choices[str(node.target)] = {"lowering": winner, "timings_ms": times, "source": source}

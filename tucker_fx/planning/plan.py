@@ -71,14 +71,24 @@ class LayerPlan:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "LayerPlan":
+        if not isinstance(data, dict):
+            raise ValueError(f"a plan entry must be a JSON object, got {type(data).__name__}: {data!r}")
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown plan entry fields {sorted(unknown)}; expected a subset of {sorted(known)}")
+        required = {"name", "node", "op", "kind", "ranks", "full_ranks"}
+        missing = required - set(data)
+        if missing:
+            raise ValueError(f"plan entry {data.get('name', '?')!r} lacks the field(s) {sorted(missing)}")
         data = dict(data)
         for key in ("ranks", "full_ranks", "feature_shape"):
             if data.get(key) is not None:
-                data[key] = tuple(int(v) for v in data[key])
+                value = data[key]
+                if not isinstance(value, (list, tuple)) or not all(
+                        isinstance(v, int) and not isinstance(v, bool) for v in value):
+                    raise ValueError(f"plan entry {data['name']!r}: {key} must be a list of ints, got {value!r}")
+                data[key] = tuple(value)
         return cls(**data)
 
 
@@ -88,10 +98,12 @@ def _ratio(before: int, after: int) -> str:
 
 @dataclass
 class Plan:
-    """One :class:`LayerPlan` per candidate layer, in graph order."""
+    """One :class:`LayerPlan` per candidate layer, in graph order; ``notes`` say what holds for
+    the whole model (for one, why nothing was decomposed)."""
 
     layers: list[LayerPlan]
     version: int = PLAN_VERSION
+    notes: list[str] = field(default_factory=list)
 
     def __iter__(self) -> Iterator[LayerPlan]:
         return iter(self.layers)
@@ -110,7 +122,8 @@ class Plan:
         return [l for l in self.layers if l.applied]
 
     def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps({"version": self.version, "layers": [asdict(l) for l in self.layers]}))
+        return json.loads(json.dumps({"version": self.version, "layers": [asdict(l) for l in self.layers],
+                                      "notes": list(self.notes)}))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Plan":
@@ -119,7 +132,12 @@ class Plan:
         version = data.get("version")
         if version != PLAN_VERSION:
             raise ValueError(f"plan version {version!r} is not supported; expected {PLAN_VERSION}")
-        return cls([LayerPlan.from_dict(l) for l in data["layers"]], version=PLAN_VERSION)
+        layers, notes = data["layers"], data.get("notes", [])
+        if not isinstance(layers, list):
+            raise ValueError(f"the plan's 'layers' must be a list of entries, got {type(layers).__name__}")
+        if not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
+            raise ValueError(f"the plan's 'notes' must be a list of strings, got {notes!r}")
+        return cls([LayerPlan.from_dict(l) for l in layers], version=PLAN_VERSION, notes=list(notes))
 
     def to_json(self, **kwargs: Any) -> str:
         return json.dumps(self.to_dict(), **kwargs)
@@ -139,7 +157,11 @@ class Plan:
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> "Plan":
         with open(path, encoding="utf-8") as f:
-            return cls.from_json(f.read())
+            try:
+                text = f.read()
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"{path}: not a plan: not UTF-8 text ({exc})") from exc
+        return cls.from_json(text)
 
     def to_markdown(self) -> str:
         lines = [
@@ -160,6 +182,8 @@ class Plan:
                 f"({_ratio(l.params_before, l.params_after)}) | {l.macs_before:,} -> {l.macs_after:,} "
                 f"({_ratio(l.macs_before, l.macs_after)}) | {err} | {low} | {note} |"
             )
+        if self.notes:
+            lines += [""] + [f"Note: {n}" for n in self.notes]
         return "\n".join(lines)
 
     def __str__(self) -> str:

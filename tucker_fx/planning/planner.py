@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from tucker_fx.analysis.cost_registry import batched
 from tucker_fx.analysis.costs import COST_KEY, SITE_KEY
 from tucker_fx.analysis.sites import Site
 from tucker_fx.config import TuckerConfig
@@ -31,7 +32,7 @@ from tucker_fx.planning.block_costs import (
 from tucker_fx.planning.plan import LayerPlan, Plan
 from tucker_fx.reporting.progress import Progress
 
-__all__ = ["build_plan", "candidate_sites", "flatten_source"]
+__all__ = ["build_plan", "candidate_sites", "flatten_source", "check_plan_entry"]
 
 _FLATTEN_FUNCTIONS = {torch.flatten, torch.reshape}
 _FLATTEN_METHODS = {"flatten", "view", "reshape"}
@@ -74,6 +75,28 @@ def _op_label(site: Site) -> str:
     return f"conv_transpose{site.spatial_dims}d" if site.transposed else f"conv{site.spatial_dims}d"
 
 
+def check_plan_entry(entry: LayerPlan, site: Site) -> None:
+    """Refuse a plan entry made for another layer than ``site`` (another op, another weight size).
+
+    ``params_before`` may include a bias that BatchNorm folding added, so it must be the weight's
+    size, with or without one bias per output channel; 0 (a hand-written entry) is not checked.
+    """
+    label = _op_label(site)
+    weights = math.prod(site.weight_shape)
+    here = weights + (site.out_channels if site.has_bias else 0)
+    if entry.op != label:
+        raise ValueError(
+            f"the plan's layer {entry.name!r} is a {entry.op}, this model's is a {label} "
+            f"({site.in_channels} -> {site.out_channels}): the plan was made for another model"
+        )
+    if entry.params_before and entry.params_before not in (weights, weights + site.out_channels):
+        raise ValueError(
+            f"the plan's layer {entry.name!r} has {entry.params_before:,} parameters, this model's has {here:,} "
+            f"({label} {site.in_channels} -> {site.out_channels}, weight {tuple(site.weight_shape)}): "
+            "the plan was made for another model"
+        )
+
+
 def _skip_reason(site: Site, name: str, config: TuckerConfig) -> Optional[str]:
     if site.transposed:
         return "transposed convolutions are not decomposed"
@@ -96,6 +119,11 @@ class _LayerPlanner:
         self.site, self.config = site, config
         self.name = site.display_name
         w = site.weight(gm).detach()
+        if w.is_meta:
+            raise DecompositionError(
+                f"layer {self.name!r} ({site.node.format_node()}) has its weights on the meta device (shapes "
+                "only, no values); expected real weights: load them before compressing"
+            )
         bad = (~torch.isfinite(w)).sum().item()
         if bad:
             raise DecompositionError(
@@ -107,6 +135,9 @@ class _LayerPlanner:
         node = site.node
         self.in_shape = _shape(node.args[0]) if isinstance(node.args[0], fx.Node) else None
         self.out_shape = _shape(node)
+        if site.op == "conv":  # an unbatched (C, *spatial) input counts as a batch of one
+            self.in_shape = batched(self.in_shape, site.spatial_dims) if self.in_shape else None
+            self.out_shape = batched(self.out_shape, site.spatial_dims) if self.out_shape else None
         self.feature_shape = _shape(self.src) if self.src is not None else None
         self.notes: list[str] = []
 
@@ -262,6 +293,12 @@ def build_plan(gm: fx.GraphModule, config: TuckerConfig, progress: Optional[Prog
             continue  # a shared module: its first call plans it, the rewrite reroutes every call
         seen.add(site.display_name)
         reason = _skip_reason(site, site.display_name, config)
+        requested = config.ranks.get(site.display_name)
+        if requested is not None and (site.transposed or site.groups != 1):
+            raise ValueError(
+                f"TuckerConfig.ranks[{site.display_name!r}] = {requested!r}: this layer cannot be decomposed "
+                f"({reason}); expected no override or None for it"
+            )
         if reason is not None:
             layers.append(_skipped(site, gm, reason))
             continue
@@ -269,4 +306,6 @@ def build_plan(gm: fx.GraphModule, config: TuckerConfig, progress: Optional[Prog
             progress.step(i + 1, len(sites), f"planning {site.display_name}")
         planner = _LayerPlanner(site, gm, config)
         layers.append(planner.plan(site is first_conv, site is first_linear))
-    return Plan(layers)
+    notes = [f"exclude pattern {p!r} matches no layer; the layers are: {names}"
+             for p in config.exclude if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    return Plan(layers, notes=notes)

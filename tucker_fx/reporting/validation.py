@@ -11,7 +11,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
@@ -21,7 +20,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["ValidationReport", "validate", "capture_activations"]
+__all__ = ["ValidationReport", "validate", "capture_activations", "check_runnable_inputs"]
 
 
 @dataclass
@@ -98,6 +97,30 @@ class _EvalCopies:
                 m.training = flag
 
 
+def check_runnable_inputs(fn: str, inputs: tuple) -> None:
+    """Validation runs both models: every tensor input must be real (not ``meta``) and finite.
+
+    Example:
+        >>> check_runnable_inputs("validate", (torch.tensor([1.0, float("nan")]),))
+        Traceback (most recent call last):
+        ...
+        ValueError: validate: example input 0 has 1 NaN/Inf value(s); expected finite inputs to validate on
+    """
+    for i, a in enumerate(tree_flatten(inputs)[0]):
+        if not isinstance(a, torch.Tensor):
+            continue
+        if a.is_meta:
+            raise ValueError(
+                f"{fn}: example input {i} is a meta tensor (a shape, no values); validation runs the models: "
+                "expected real inputs, or TuckerConfig(validate=False)"
+            )
+        if a.is_floating_point() or a.is_complex():
+            bad = int((~torch.isfinite(a)).sum())
+            if bad:
+                raise ValueError(f"{fn}: example input {i} has {bad} NaN/Inf value(s); expected finite inputs "
+                                 "to validate on")
+
+
 def validate(original: nn.Module, compressed: nn.Module, *inputs: Any,
              reference_graph: Optional[fx.GraphModule] = None) -> ValidationReport:
     """Compare ``compressed`` with ``original`` on ``inputs`` (both run in eval mode, no grad).
@@ -110,7 +133,10 @@ def validate(original: nn.Module, compressed: nn.Module, *inputs: Any,
         raise TypeError(
             f"validate expects two nn.Modules, got {type(original).__name__} and {type(compressed).__name__}"
         )
-    reference = copy.deepcopy(original)
+    check_runnable_inputs("validate", inputs)
+    from tucker_fx.analysis.capture import copy_model
+
+    reference = copy_model(original)
     with _EvalCopies(reference, compressed), torch.no_grad():
         ys, yhats = _flat_tensors(reference(*inputs)), _flat_tensors(compressed(*inputs))
         if len(ys) != len(yhats) or any(a.shape != b.shape for a, b in zip(ys, yhats)):
