@@ -16,13 +16,17 @@ from tucker_fx.api import CompressionResult, apply_plan, compress, lower
 from tucker_fx.config import TuckerConfig
 from tucker_fx.decomposition import VBMFResult, evbmf
 from tucker_fx.errors import DecompositionError, ShapePropagationError, UntraceableModelError
+from tucker_fx.io import load, save
 from tucker_fx.planning import LayerPlan, Plan
 from tucker_fx.reporting.validation import ValidationReport, validate
+from tucker_fx.training import evaluate, finetune
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "analyze", "compress", "apply_plan", "lower", "validate", "evbmf", "TuckerConfig", "Plan", "LayerPlan",
+    "analyze", "compress", "apply_plan", "lower", "validate", "save", "load", "evbmf", "TuckerConfig", "Plan",
+    "LayerPlan",
     "CompressionResult", "CostReport", "NodeCost", "ValidationReport", "VBMFResult",
     "UntraceableModelError", "ShapePropagationError", "DecompositionError", "__version__",
+    "finetune", "evaluate",
 ]

@@ -5,6 +5,7 @@
     tucker-fx demo [--ranks paper|vbmf] [--json out.json]
     tucker-fx compress resnet3d18 --rank vbmf --plan plan.json
     tucker-fx bench thetis --batch 1 [--compile] [--json out.json]
+    tucker-fx train [--resolution 120x160] [--json out.json] [--plot train.png]
 """
 
 from __future__ import annotations
@@ -26,6 +27,13 @@ def _shape(text: str) -> tuple[int, ...]:
     if not shape or any(s <= 0 for s in shape):
         raise argparse.ArgumentTypeError(f"expected positive sizes, got {text!r}")
     return shape
+
+
+def _resolution(text: str) -> tuple[int, int]:
+    shape = _shape(text)
+    if len(shape) != 2:
+        raise argparse.ArgumentTypeError(f"expected HxW like 120x160, got {text!r}")
+    return (shape[0], shape[1])
 
 
 def _load(spec: str, shape: Optional[tuple[int, ...]]) -> tuple[torch.nn.Module, tuple[int, ...]]:
@@ -101,8 +109,28 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    import json
+
+    from tucker_fx.reporting.train_demo import format_train_demo, train_demo
+
+    result = train_demo(
+        resolution=args.resolution, frames=args.frames, train_size=args.train_size, test_size=args.test_size,
+        batch_size=args.batch_size, max_epochs=args.max_epochs, target=args.target, lr=args.lr,
+        finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr, seed=args.seed, repeats=args.repeats,
+        probe=not args.no_probe, plot=None if args.no_plot else args.plot, quiet=args.quiet,
+    )
+    print(format_train_demo(result))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2)
+        print(f"\nwrote {args.json}", file=sys.stderr)
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "analyze": _cmd_analyze, "demo": _cmd_demo, "compress": _cmd_compress, "bench": _cmd_bench,
+    "train": _cmd_train,
 }
 
 
@@ -137,6 +165,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", help="comma-separated subset of the variants")
     p.add_argument("--no-tune", action="store_true", help="choose lowerings by the cost model, not by timing")
     p.add_argument("--json", metavar="PATH")
+    from tucker_fx.reporting.train_demo import DEFAULTS as T
+
+    p = sub.add_parser("train", help="train the THETIS net on synthetic THETIS, compress, fine-tune, report accuracy")
+    p.add_argument("--resolution", type=_resolution, default=T["resolution"],
+                   help=f"HxW of the clips (the paper: 120x160; default {T['resolution'][0]}x{T['resolution'][1]})")
+    p.add_argument("--frames", type=int, default=T["frames"])
+    p.add_argument("--train-size", type=int, default=T["train_size"])
+    p.add_argument("--test-size", type=int, default=T["test_size"])
+    p.add_argument("--batch-size", type=int, default=T["batch_size"])
+    p.add_argument("--max-epochs", type=int, default=T["max_epochs"], help="training stops earlier at --target")
+    p.add_argument("--target", type=float, default=T["target"], help="test accuracy that ends training")
+    p.add_argument("--lr", type=float, default=T["lr"])
+    p.add_argument("--finetune-epochs", type=int, default=T["finetune_epochs"])
+    p.add_argument("--finetune-lr", type=float, default=T["finetune_lr"])
+    p.add_argument("--seed", type=int, default=T["seed"])
+    p.add_argument("--repeats", type=int, default=T["repeats"], help="timed runs per model (median)")
+    p.add_argument("--plot", metavar="PATH", default="train_demo.png", help="PNG plot (needs matplotlib)")
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--no-probe", action="store_true", help="skip the linear-probe baseline")
+    p.add_argument("--json", metavar="PATH", help="also write the numbers as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     return parser
 
 

@@ -1,0 +1,69 @@
+"""finetune under torchrun: 2 CPU processes over gloo on localhost end with identical weights."""
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.distributed as dist
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+WORKER = textwrap.dedent('''
+    import os, sys
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+    import tucker_fx
+    from tucker_fx.training import mlp
+
+    out = sys.argv[1]
+    rank = int(os.environ["RANK"])
+    torch.manual_seed(0)
+    x = torch.randn(64, 8)
+    y = (x[:, 0] + x[:, 1] > 0).long()
+    loader = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True)
+    teacher = mlp([8, 16, 16, 2], seed=0).eval()
+    config = tucker_fx.TuckerConfig(rank=4, lowering="none", progress=False)
+    student = tucker_fx.compress(teacher, torch.randn(1, 8), config=config).module.requires_grad_(True)
+    with torch.no_grad():  # ranks start apart: DDP must broadcast rank 0's weights
+        for p in student.parameters():
+            p.add_(0.05 * rank)
+    start = {k: v.clone() for k, v in student.state_dict().items()}
+    hist = tucker_fx.finetune(student, loader, epochs=3, lr=0.01, teacher=teacher, seed=0, quiet=rank != 0)
+    torch.save({"start": start, "end": student.state_dict(), "losses": hist.losses, "world": hist.world_size,
+                "samples": hist.samples, "steps": hist.steps}, os.path.join(out, f"rank{rank}.pt"))
+''')
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_ranks_agree(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    if sys.platform.startswith("linux"):
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(script), str(tmp_path)]
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    except subprocess.TimeoutExpired as exc:  # pragma: no cover - a hang is a failure, not a stuck suite
+        pytest.fail(f"torchrun did not finish in 180 s: {exc.stderr}")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert r0["world"] == r1["world"] == 2
+    assert r0["losses"] == r1["losses"] and r0["losses"][-1] < r0["losses"][0]
+    assert r0["samples"] == 3 * 64 and r0["steps"] == 3 * 4  # each rank: half of 64 samples, batches of 8
+    assert r0["end"].keys() == r1["end"].keys()
+    for k in r0["end"]:
+        assert torch.equal(r0["end"][k], r1["end"][k]), k
+    assert not all(torch.equal(r0["start"][k], r1["start"][k]) for k in r0["start"])  # they did start apart
+    assert not all(torch.equal(r0["start"][k], r0["end"][k]) for k in r0["start"])   # and trained

@@ -1,0 +1,22 @@
+"""Data for training and fine-tuning: a synthetic THETIS stand-in, a linear probe, sklearn digits.
+
+Example:
+    >>> from tucker_fx.data import SyntheticThetis, CLASSES
+    >>> ds = SyntheticThetis(2, resolution=(32, 40), frames=8)
+    >>> [CLASSES[y] for _, y in ds]
+    ['forehand', 'backhand']
+"""
+
+from tucker_fx.data.digits import digits_datasets, have_sklearn
+from tucker_fx.data.probe import ProbeResult, linear_probe, probe_features
+from tucker_fx.data.thetis import (
+    CLASSES, DEFAULT_RESOLUTION, FULL_RESOLUTION, NORM_MEAN, NORM_STD, THETIS_FRAMES, SwingParams, SyntheticThetis, hflip,
+    render_swing, sample_params, thetis_flat_features, thetis_net_for,
+)
+
+__all__ = [
+    "CLASSES", "DEFAULT_RESOLUTION", "FULL_RESOLUTION", "NORM_MEAN", "NORM_STD", "THETIS_FRAMES", "SwingParams",
+    "SyntheticThetis",
+    "hflip", "render_swing", "sample_params", "thetis_flat_features", "thetis_net_for",
+    "ProbeResult", "linear_probe", "probe_features", "digits_datasets", "have_sklearn",
+]

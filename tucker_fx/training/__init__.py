@@ -1,0 +1,14 @@
+"""Fine-tuning and evaluation: plain PyTorch loops, DistributedDataParallel under torchrun.
+
+Example:
+    >>> import torch
+    >>> from tucker_fx.training import evaluate, mlp
+    >>> r = evaluate(mlp([4, 3]), [(torch.randn(8, 4), torch.zeros(8, dtype=torch.long))], num_classes=3)
+    >>> r.total, len(r.per_class)
+    (8, 3)
+"""
+
+from tucker_fx.training.loop import EvalResult, TrainHistory, distillation_loss, evaluate, finetune
+from tucker_fx.training.mlp import MLP, mlp
+
+__all__ = ["finetune", "evaluate", "EvalResult", "TrainHistory", "distillation_loss", "MLP", "mlp"]
