@@ -199,7 +199,13 @@ def test_hooi_never_worse_than_hosvd(shape: tuple[int, ...]) -> None:
     errors = [relative_error(w, tucker2(w, ranks, n_iter=n).reconstruct()) for n in range(6)]
     for before, after in zip(errors, errors[1:]):
         assert after <= before + 1e-12
-    assert errors[-1] < errors[0]  # and the sweeps do something on a generic tensor
+    if len(shape) > 2:
+        assert errors[-1] < errors[0] - 1e-9  # the sweeps do something on a generic tensor
+    else:
+        # a matrix: HOSVD is already the truncated SVD (Eckart-Young optimal); sweeps keep it
+        first, second = truncated_svd(w, min(ranks))
+        optimal = relative_error(w, second @ first)
+        assert abs(errors[-1] - optimal) < 1e-9 and abs(errors[0] - optimal) < 1e-9
 
 
 # ---------------------------------------------------------------------------- dtypes

@@ -166,6 +166,7 @@ def _finish(model: nn.Module, gm: fx.GraphModule, reference: Optional[fx.GraphMo
     if config.lowering == "auto":
         passes.append(LowerBlocks(plan, rewrite.originals, tune=config.tune, cache=_cache(config) if config.tune else None,
                                   repeats=config.tuning_repeats, tolerance=config.lowering_tolerance,
+                                  allow_original=config.keep_original_if_faster,
                                   progress=progress))
         passes.append(PoolBeforeActivation())
     if config.merge:

@@ -258,6 +258,8 @@ class LowerBlocks:
     tolerance: float = 1e-5
     progress: Optional[Progress] = None
     revert_margin_ms: float = 0.05
+    revert_margin_rel: float = 0.1
+    allow_original: bool = True
     name: str = "lower_blocks"
     """The original layer comes back only if it beats every variant by more than this and by 10%."""
 
@@ -279,7 +281,7 @@ class LowerBlocks:
             if self.progress is not None:
                 self.progress.step(i + 1, len(applied), f"lowering {entry.name}")
             x = _example(chain[0].args[0], next(block.parameters()).device)
-            cands = block_candidates(block, self.originals.get(entry.name))
+            cands = block_candidates(block, self.originals.get(entry.name) if self.allow_original else None)
             forced = entry.lowering if entry.lowering in cands else None
             if forced is not None:
                 winner, times, source = forced, entry.timings_ms, "plan"
@@ -288,7 +290,7 @@ class LowerBlocks:
                 if winner == "original":
                     best = min((k for k in times if k != "original"), key=times.__getitem__)
                     gain = times[best] - times["original"]
-                    if gain <= self.revert_margin_ms or gain <= 0.1 * times["original"]:
+                    if gain <= self.revert_margin_ms or gain <= self.revert_margin_rel * times["original"]:
                         winner = best  # a difference this small is noise next to the size gained
             else:
                 out_shape = tuple(chain[-1].meta["tensor_meta"].shape)
