@@ -58,6 +58,32 @@ def test_full_rank_is_exact(dims, kernel, stride, padding, dilation, mode, bias)
     assert result.validation.rel_error < 1e-5
 
 
+@pytest.mark.parametrize("policy", ["paper", "auto"])
+@pytest.mark.parametrize("bn", [False, True])
+@pytest.mark.parametrize("lowering", ["none", "auto"])
+def test_conv_straight_into_flatten_linear(policy, bn, lowering):
+    # the linear is decomposed "as a conv" on the conv's output, which the rewrite replaced first
+    layers = [nn.Conv2d(4, 8, 3, padding=1)] + ([nn.BatchNorm2d(8)] if bn else []) + [nn.Flatten(), nn.Linear(288, 10)]
+    net = nn.Sequential(*layers).eval()
+    x = torch.randn(2, 4, 6, 6)
+    config = TuckerConfig(rank=1.0, only_if_cheaper=False, policy=policy, lowering=lowering)
+    result = tucker_fx.compress(net, x, config=config)
+    assert len(result.plan.applied) == 2, result.plan.to_markdown()
+    assert rel(net(x), result.module(x)) < 1e-5
+
+
+def test_factors_train_like_the_original_weights():
+    # finetune trains what requires grad: the factors must not come back frozen
+    net = nn.Sequential(nn.Conv2d(8, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3), nn.Flatten(), nn.Linear(256, 4))
+    x = torch.randn(1, 8, 8, 8)
+    for lowering in ("none", "auto"):
+        result = tucker_fx.compress(net, x, config=TuckerConfig(rank=0.5, lowering=lowering))
+        assert result.plan.applied
+        assert all(p.requires_grad for p in result.module.parameters())
+    frozen = tucker_fx.compress(net.requires_grad_(False), x, config=TuckerConfig(rank=0.5))
+    assert not any(p.requires_grad for p in frozen.module.parameters())
+
+
 def test_channels_last_input_exact():
     conv = nn.Conv3d(6, 8, (3, 5, 5), padding=(1, 2, 2)).eval()
     x = torch.randn(2, 6, 5, 9, 9).to(memory_format=torch.channels_last_3d)

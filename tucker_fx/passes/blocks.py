@@ -59,6 +59,8 @@ class TuckerBlock(nn.Module):
 
 
 def _set(module: nn.Module, weight: torch.Tensor, bias: Optional[torch.Tensor], like: torch.Tensor) -> nn.Module:
+    """Fill ``module`` with the factor ``weight`` (and ``bias``) on ``like``'s device and dtype;
+    its parameters train exactly when ``like`` (the original layer's weight) does."""
     module = module.to(device=like.device, dtype=like.dtype)
     with torch.no_grad():
         module.weight.copy_(weight.reshape(module.weight.shape))
@@ -91,6 +93,7 @@ def build_block(
     Tucker-2 "as a conv" over the flattened feature map.
     """
     w = weight.detach()
+    like = weight  # device, dtype and requires_grad of the factors (``w`` never requires grad)
     t_out = w.shape[0]
     b = bias.detach() if bias is not None else None
     if op == "conv":
@@ -101,15 +104,15 @@ def build_block(
         if kind == "tucker2":
             rs, rt = ranks
             dec = tucker2(w, (rs, rt), n_iter=hooi_iters)
-            first = _set(_pointwise(dims, s_in, rs, False), dec.u_s.t(), None, w)
-            core = _set(_CONV[dims](rs, rt, kernel, bias=False, **cargs), dec.core, None, w)
-            last = _set(_pointwise(dims, rt, t_out, b is not None), dec.u_t, b, w)
+            first = _set(_pointwise(dims, s_in, rs, False), dec.u_s.t(), None, like)
+            core = _set(_CONV[dims](rs, rt, kernel, bias=False, **cargs), dec.core, None, like)
+            last = _set(_pointwise(dims, rt, t_out, b is not None), dec.u_t, b, like)
             return TuckerBlock(first, core, last, kind=kind, ranks=ranks), relative_error(w, dec.reconstruct())
         if kind == "tucker1":
             (r,) = ranks
             dec1 = tucker1(w, r)
-            core = _set(_CONV[dims](s_in, r, kernel, bias=False, **cargs), dec1.core, None, w)
-            last = _set(_pointwise(dims, r, t_out, b is not None), dec1.u_t, b, w)
+            core = _set(_CONV[dims](s_in, r, kernel, bias=False, **cargs), dec1.core, None, like)
+            last = _set(_pointwise(dims, r, t_out, b is not None), dec1.u_t, b, like)
             return TuckerBlock(None, core, last, kind=kind, ranks=ranks), relative_error(w, dec1.reconstruct())
         raise ValueError(f"kind {kind!r} is not defined for a conv; expected 'tucker2' or 'tucker1'")
     if op != "linear":
@@ -117,8 +120,8 @@ def build_block(
     if kind in ("svd", "tucker1"):
         (r,) = ranks
         a, c = truncated_svd(w, r)
-        first = _set(nn.Linear(w.shape[1], r, bias=False), a, None, w)
-        last = _set(nn.Linear(r, t_out, bias=b is not None), c, b, w)
+        first = _set(nn.Linear(w.shape[1], r, bias=False), a, None, like)
+        last = _set(nn.Linear(r, t_out, bias=b is not None), c, b, like)
         # TuckerBlock wants a core; for a plain SVD the first factor is it
         return TuckerBlock(None, first, last, kind="svd", ranks=ranks), relative_error(w, c @ a)
     if kind != "tucker2":
@@ -128,13 +131,13 @@ def build_block(
         s_in, *spatial = feature_shape
         w4 = w.reshape(t_out, s_in, *spatial)
         dec = tucker2(w4, (rs, rt), n_iter=hooi_iters)
-        first = _set(_pointwise(len(spatial), s_in, rs, False), dec.u_s.t(), None, w)
-        core = _set(nn.Linear(rs * math.prod(spatial), rt, bias=False), dec.core.reshape(rt, -1), None, w)
-        last = _set(nn.Linear(rt, t_out, bias=b is not None), dec.u_t, b, w)
+        first = _set(_pointwise(len(spatial), s_in, rs, False), dec.u_s.t(), None, like)
+        core = _set(nn.Linear(rs * math.prod(spatial), rt, bias=False), dec.core.reshape(rt, -1), None, like)
+        last = _set(nn.Linear(rt, t_out, bias=b is not None), dec.u_t, b, like)
         block = TuckerBlock(first, core, last, kind=kind, ranks=ranks, flatten=True)
         return block, relative_error(w4, dec.reconstruct())
     dec = tucker2(w, (rs, rt), n_iter=hooi_iters)
-    first = _set(nn.Linear(w.shape[1], rs, bias=False), dec.u_s.t(), None, w)
-    core = _set(nn.Linear(rs, rt, bias=False), dec.core, None, w)
-    last = _set(nn.Linear(rt, t_out, bias=b is not None), dec.u_t, b, w)
+    first = _set(nn.Linear(w.shape[1], rs, bias=False), dec.u_s.t(), None, like)
+    core = _set(nn.Linear(rs, rt, bias=False), dec.core, None, like)
+    last = _set(nn.Linear(rt, t_out, bias=b is not None), dec.u_t, b, like)
     return TuckerBlock(first, core, last, kind=kind, ranks=ranks), relative_error(w, dec.reconstruct())

@@ -141,6 +141,9 @@ class TuckerRewrite:
             x.meta[ORIGIN_KEY] = node.name
         node.replace_all_uses_with(x)
         graph.erase_node(node)
+        # a later "as a conv" entry may name this node as its input (conv -> flatten -> linear):
+        # it must find the block's output, not the erased node
+        nodes[node.name] = x
 
     @staticmethod
     def _drop_unused(gm: fx.GraphModule) -> None:
