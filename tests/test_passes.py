@@ -8,11 +8,12 @@ import json
 import pytest
 import torch
 import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
 
 import tucker_fx
 from tucker_fx import TuckerConfig
 from tucker_fx.analysis import propagate_shapes
-from tucker_fx.kernels import TuckerFFTConv
+from tucker_fx.kernels import LinearChain, TuckerFFTConv
 from tucker_fx.models import TEST_MODELS, THETIS_INPUT_SHAPE, resnet3d18, thetis_net, thetis_paper_config
 from tucker_fx.passes.fold_bn import FoldBatchNorm
 from tucker_fx.passes.lowering import LowerConvs, block_candidates
@@ -140,6 +141,38 @@ def test_block_candidates_agree(padding, mode, stride):
         if name != "original":
             assert rel(ref, m(x)) < 1e-5, name
         assert sum(p.numel() for p in m.parameters()) <= sum(p.numel() for p in block.parameters()) or name == "original"
+
+
+@pytest.mark.parametrize("kind,ranks,feature_shape,x_shape", [
+    ("svd", (3,), None, (4, 24)),                       # Tucker-1 / SVD of a plain Linear
+    ("svd", (1,), None, (2, 5, 24)),                    # tokens: leading dims kept
+    ("tucker2", (4, 5), None, (3, 24)),                 # Tucker-2 of a plain Linear
+    ("tucker2", (2, 5), (6, 2, 2), (3, 6, 2, 2)),       # "Linear as a conv" on a feature map
+])
+@pytest.mark.parametrize("bias", (True, False))
+def test_fused_linear_chain_exact_and_same_size(kind, ranks, feature_shape, x_shape, bias):
+    lin = nn.Linear(24, 10, bias=bias)
+    block, _ = build_block(lin.weight, lin.bias, kind=kind, ranks=ranks, op="linear", feature_shape=feature_shape)
+    fused = block_candidates(block, None)["fused"]
+    assert isinstance(fused, LinearChain)
+    x = torch.randn(x_shape)
+    assert rel(block(x), fused(x)) < 1e-6
+    assert sum(p.numel() for p in fused.parameters()) == sum(p.numel() for p in block.parameters())
+    fused(x).sum().backward()  # trainable like the block
+    assert all(p.grad is not None for p in fused.parameters())
+    # the analysis counts what runs: FlopCounterMode's convention
+    with FlopCounterMode(display=False) as counter:
+        fused(x)
+    assert tucker_fx.analyze(nn.Sequential(fused), x).total_flops == counter.get_total_flops()
+    assert rel(torch.fx.symbolic_trace(fused)(x), fused(x)) == 0  # plain tracing keeps it one node
+
+
+def test_linear_blocks_fused_by_default():
+    x = torch.randn(THETIS_INPUT_SHAPE)
+    r = tucker_fx.compress(thetis_net(), x, config=thetis_paper_config(validate=False))
+    assert r.plan["l1"].lowering == r.plan["l2"].lowering == "fused"
+    assert isinstance(r.module.get_submodule("l1"), LinearChain)
+    assert r.after.total_params == 13_598 and r.after.total_flops == 2_635_140_440
 
 
 def test_compress_lowering_exact_and_recorded(tmp_path):

@@ -8,10 +8,12 @@ from .fft_conv import (
     fft_size,
     next_fast_len,
 )
+from .linear_chain import LinearChain
 
 __all__ = [
     "FFTConv",
     "TuckerFFTConv",
+    "LinearChain",
     "clear_fft_cache",
     "fft_conv",
     "fft_size",

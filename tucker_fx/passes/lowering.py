@@ -11,11 +11,15 @@ model. Candidates of a conv block:
   channels only, channel mix);
 - ``fft_mix_last``: the same with the last mix folded into the per-frequency product;
 - ``absorbed``: the first 1x1 folded into the core (a Tucker-1 shaped pair);
+- ``fused`` (Linear blocks): one :class:`~tucker_fx.kernels.LinearChain` running the two or
+  three small products without per-module overhead (which, for the paper's tiny L2, costs
+  more than its arithmetic);
 - ``original``: the layer before decomposition. If it wins, the layer is not decomposed and
   the plan says why.
 
-Linear blocks get ``direct``, ``absorbed`` and ``original``. The chosen variant replaces the
-block at its qualified name, as a single graph node (``direct`` keeps the three nodes).
+Linear blocks get ``direct``, ``fused``, ``absorbed`` and ``original``; the cost model picks
+``fused`` for them. The chosen variant replaces the block at its qualified name, as a single
+graph node (``direct`` keeps the three nodes).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from tucker_fx.analysis.cost_registry import REGISTRY, CostContext, OpCost, batched, conv_macs
-from tucker_fx.kernels import FFTConv, TuckerFFTConv, fft_size
+from tucker_fx.kernels import FFTConv, LinearChain, TuckerFFTConv, fft_size
 from tucker_fx.passes.blocks import TuckerBlock
 from tucker_fx.passes.runner import PassResult
 from tucker_fx.passes.tucker_rewrite import block_name
@@ -43,7 +47,7 @@ from tucker_fx.tuning.cost_model import direct_conv_seconds, fft_conv_seconds
 
 __all__ = ["LowerBlocks", "LowerConvs", "block_candidates", "conv_candidates", "LOWERINGS"]
 
-LOWERINGS = ("direct", "direct_channels_last", "fft", "fft_mix_last", "absorbed", "original")
+LOWERINGS = ("direct", "direct_channels_last", "fft", "fft_mix_last", "absorbed", "fused", "original")
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -101,7 +105,9 @@ def block_candidates(block: TuckerBlock, original: Optional[nn.Module]) -> dict[
                 merged.weight.copy_(torch.einsum("tr...,rs->ts...", core.weight, f))
             cands["absorbed"] = TuckerBlock(None, merged, copy.deepcopy(last), kind="tucker1",
                                             ranks=(core.out_channels,))
-    elif isinstance(core, nn.Linear) and first is not None and first.bias is None:
+    if isinstance(core, nn.Linear) and core.bias is None:
+        cands["fused"] = LinearChain.from_block(block)
+    if isinstance(core, nn.Linear) and first is not None and first.bias is None:
         f = _matrix(first)  # (R_s, S)
         r_s, s = f.shape
         if block.flatten:
@@ -193,6 +199,8 @@ def _example(node: fx.Node, device: torch.device) -> torch.Tensor:
 
 def _cost_model_pick(block: TuckerBlock, x_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> tuple[str, dict[str, float]]:
     core = block.core
+    if isinstance(core, nn.Linear):
+        return "fused", {}  # same products, less dispatch: never slower (measured on the paper's L1, L2)
     if not isinstance(core, _CONVS):
         return "direct", {}
     r_s, r_t = core.in_channels, core.out_channels
@@ -295,6 +303,7 @@ class LowerBlocks:
             else:
                 out_shape = tuple(chain[-1].meta["tensor_meta"].shape)
                 winner, times = _cost_model_pick(block, tuple(x.shape), out_shape)
+                winner = winner if winner in cands else "direct"
                 source = "cost model"
             entry.lowering, entry.timings_ms, entry.lowering_source = winner, dict(times), source
             if winner == "original":
@@ -383,6 +392,14 @@ def _tucker_fft(ctx: CostContext) -> OpCost:
     if m.last is not None:
         macs += conv_macs(out_shape, (out_shape[1], r_t) + (1,) * d)
     return OpCost("conv_fft", macs=macs)
+
+@REGISTRY.register(LinearChain)
+def _linear_chain(ctx: CostContext) -> OpCost:
+    m = ctx.module
+    assert isinstance(m, LinearChain) and ctx.out_shape is not None and ctx.in_shapes[0] is not None
+    in_shape, out_shape = ctx.in_shapes[0], ctx.out_shape
+    rows = math.prod(out_shape[:-1])  # one row per sample (and per token, without flatten)
+    return OpCost("linear", macs=rows * m.macs_per_row(tuple(in_shape)))
 
 @REGISTRY.register(ChannelsLast)
 def _channels_last(ctx: CostContext) -> OpCost:
