@@ -386,6 +386,8 @@ def test_cli_demo_and_compress(tmp_path, capsys):
     assert "13,598" in text and "2,635,140,440" in text and "x5.99" in text and "= " in text
     data = json.loads(out.read_text())
     assert data["total"]["params_after"] == 13_598 and data["total"]["ms_before"] > 0
+    # the lowered column times the same decomposition, whatever the timings said
+    assert data["total"]["params_lowered"] == 13_598 and data["total"]["flops_lowered"] == 2_635_140_440
     assert [r["layer"] for r in data["rows"]] == ["C1", "C2", "L1", "L2", "L3"]
     plan = tmp_path / "plan.json"
     assert main(["compress", "conv2d", "--rank", "0.5", "--plan", str(plan), "--quiet"]) == 0
