@@ -84,6 +84,17 @@ def test_factors_train_like_the_original_weights():
     assert not any(p.requires_grad for p in frozen.module.parameters())
 
 
+def test_tensorly_solver_through_compress():
+    net = nn.Sequential(nn.Conv3d(6, 8, 3, padding=1), nn.ReLU(), nn.Conv3d(8, 8, (1, 3, 3))).eval()
+    x = torch.randn(2, 6, 4, 7, 7)
+    exact = tucker_fx.compress(net, x, config=FULL.replace(tucker_solver="tensorly"))
+    assert rel(net(x), exact.module(x)) < 1e-5
+    low = [tucker_fx.compress(net, x, config=TuckerConfig(rank=0.5, tucker_solver=s, lowering="none"))
+           for s in ("gram", "tensorly")]
+    assert [e.ranks for e in low[0].plan] == [e.ranks for e in low[1].plan]
+    assert low[1].validation.rel_error == pytest.approx(low[0].validation.rel_error, rel=0.05)
+
+
 def test_channels_last_input_exact():
     conv = nn.Conv3d(6, 8, (3, 5, 5), padding=(1, 2, 2)).eval()
     x = torch.randn(2, 6, 5, 9, 9).to(memory_format=torch.channels_last_3d)

@@ -307,6 +307,26 @@ def test_close_to_tensorly_on_generic_tensor() -> None:
     assert abs(ours - theirs) < 5e-3 * theirs
 
 
+@pytest.mark.parametrize("shape,ranks", [((32, 16, 3, 3, 3), (4, 6)), ((20, 12, 5), (3, 7)), ((30, 20), (5, 5))])
+def test_tensorly_solver_agrees_and_leaves_backend(shape, ranks) -> None:
+    tl = pytest.importorskip("tensorly")
+    w = planted(shape, ranks, seed=23, scale=0.1) + 1e-3 * rand(shape, 24)
+    backend_before = tl.get_backend()
+    theirs = tucker2(w, ranks, solver="tensorly")
+    assert tl.get_backend() == backend_before
+    ours = tucker2(w, ranks)
+    assert relative_error(w, theirs.reconstruct()) == pytest.approx(relative_error(w, ours.reconstruct()), rel=1e-6)
+    assert torch.allclose(theirs.u_t @ theirs.u_t.T, ours.u_t @ ours.u_t.T, atol=1e-6)
+    assert theirs.core.dtype == theirs.u_s.dtype == w.dtype
+    full = tucker2(w, (shape[1], shape[0]), solver="tensorly")  # full rank: exact
+    assert relative_error(w, full.reconstruct()) < 1e-6
+
+
+def test_unknown_solver() -> None:
+    with pytest.raises(ValueError, match=r"solver: expected one of \('gram', 'tensorly'\), got 'svd'"):
+        tucker2(rand((6, 4, 3)), (2, 2), solver="svd")
+
+
 # ---------------------------------------------------------------------- bad input
 
 

@@ -159,7 +159,7 @@ def _finish(model: nn.Module, gm: fx.GraphModule, reference: Optional[fx.GraphMo
             before: CostReport, example_inputs: tuple, config: TuckerConfig, progress: Progress) -> CompressionResult:
     if not plan.applied:
         return _nothing_to_do(model, plan, example_inputs, config)
-    rewrite = TuckerRewrite(plan, hooi_iters=config.hooi_iters, progress=progress)
+    rewrite = TuckerRewrite(plan, hooi_iters=config.hooi_iters, solver=config.tucker_solver, progress=progress)
     gm = run_passes(gm, [rewrite])
     propagate_shapes(gm, example_inputs)
     passes: list = []

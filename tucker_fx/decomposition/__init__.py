@@ -5,6 +5,7 @@ Tensors in, tensors out -- no FX, no modules.
 
 from .evbmf import VBMFResult, evbmf, evbmf_from_singular_values
 from .tucker import (
+    SOLVERS,
     Tucker1,
     Tucker2,
     relative_error,
@@ -16,6 +17,7 @@ from .tucker import (
 )
 
 __all__ = [
+    "SOLVERS",
     "Tucker1",
     "Tucker2",
     "VBMFResult",

@@ -38,6 +38,7 @@ import torch
 from .evbmf import evbmf_from_singular_values
 
 __all__ = [
+    "SOLVERS",
     "Tucker1",
     "Tucker2",
     "relative_error",
@@ -209,7 +210,30 @@ class Tucker2:
         return x.reshape(x.shape[0], x.shape[1], *spatial)
 
 
-def tucker2(weight: torch.Tensor, ranks: tuple[int, int], *, n_iter: int = 2) -> Tucker2:
+SOLVERS = ("gram", "tensorly")
+
+
+def _tucker2_tensorly(weight: torch.Tensor, r_s: int, r_t: int, n_iter: int) -> Tucker2:
+    """tensorly's ``partial_tucker`` on the two channel modes (HOSVD init, ``n_iter`` HOOI
+    sweeps), in float64 on the weight's device, inside ``tensorly.backend_context`` so that the
+    caller's global tensorly backend is never changed. Signs fixed as in :func:`tucker2`."""
+    import tensorly
+    from tensorly.decomposition import partial_tucker
+
+    w = weight.detach().to(torch.float64)
+    with tensorly.backend_context("pytorch"):
+        (core, factors), _ = partial_tucker(w, rank=[r_t, r_s], modes=[0, 1], init="svd",
+                                            n_iter_max=max(n_iter, 1), tol=0)
+    u_t, u_s = _fix_signs(factors[0]), _fix_signs(factors[1])
+    # the sign flips of the factors' columns, applied to the core so the product is unchanged
+    d_t = (u_t * factors[0]).sum(0).sign()
+    d_s = (u_s * factors[1]).sum(0).sign()
+    core = core * d_t.view(-1, *([1] * (core.dim() - 1))) * d_s.view(1, -1, *([1] * (core.dim() - 2)))
+    dtype = weight.dtype
+    return Tucker2(core=core.to(dtype).contiguous(), u_s=u_s.to(dtype).contiguous(), u_t=u_t.to(dtype).contiguous())
+
+
+def tucker2(weight: torch.Tensor, ranks: tuple[int, int], *, n_iter: int = 2, solver: str = "gram") -> Tucker2:
     """Tucker-2 decomposition of ``weight`` ``(T, S, *k)`` at ``ranks = (R_s, R_t)``.
 
     HOSVD initialisation followed by ``n_iter`` HOOI sweeps (each sweep updates ``u_s``
@@ -218,6 +242,9 @@ def tucker2(weight: torch.Tensor, ranks: tuple[int, int], *, n_iter: int = 2) ->
     orthonormal columns, with the largest-|.| entry of each column made positive, so the
     result is deterministic. Computed in float64 on the weight's device; results are cast
     back to ``weight.dtype``.
+
+    ``solver="tensorly"`` runs tensorly's ``partial_tucker`` instead (same HOSVD start and
+    sweeps, same subspaces; about 5x slower on a 3D ResNet-18, see the module notes).
 
     Raises:
         ValueError: ranks outside ``1 <= R_s <= S``, ``1 <= R_t <= T``; bad weight shape.
@@ -239,6 +266,10 @@ def tucker2(weight: torch.Tensor, ranks: tuple[int, int], *, n_iter: int = 2) ->
     r_t = _check_rank(ranks[1], t, "R_t (output-channel rank)")
     if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 0:
         raise ValueError(f"n_iter: expected an int >= 0, got {n_iter!r}")
+    if solver not in SOLVERS:
+        raise ValueError(f"solver: expected one of {SOLVERS}, got {solver!r}")
+    if solver == "tensorly":
+        return _tucker2_tensorly(weight, r_s, r_t, n_iter)
 
     spatial = weight.shape[2:]
     w = _as_tks(weight)  # (T, K, S)

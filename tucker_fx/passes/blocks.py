@@ -85,12 +85,14 @@ def build_block(
     conv_args: Optional[dict[str, Any]] = None,
     feature_shape: Optional[tuple[int, ...]] = None,
     hooi_iters: int = 2,
+    solver: str = "gram",
 ) -> tuple[TuckerBlock, float]:
     """Decompose ``weight`` and build the block; returns it and the weight's relative error.
 
     ``op`` is ``"conv"`` or ``"linear"``; ``conv_args`` carries stride/padding/dilation/
     padding_mode for the core conv; ``feature_shape = (S, *spatial)`` makes a Linear's
-    Tucker-2 "as a conv" over the flattened feature map.
+    Tucker-2 "as a conv" over the flattened feature map. ``solver`` picks the Tucker-2 solver
+    (:func:`~tucker_fx.decomposition.tucker2`: ``"gram"`` or ``"tensorly"``).
     """
     w = weight.detach()
     like = weight  # device, dtype and requires_grad of the factors (``w`` never requires grad)
@@ -103,7 +105,7 @@ def build_block(
         s_in = w.shape[1]
         if kind == "tucker2":
             rs, rt = ranks
-            dec = tucker2(w, (rs, rt), n_iter=hooi_iters)
+            dec = tucker2(w, (rs, rt), n_iter=hooi_iters, solver=solver)
             first = _set(_pointwise(dims, s_in, rs, False), dec.u_s.t(), None, like)
             core = _set(_CONV[dims](rs, rt, kernel, bias=False, **cargs), dec.core, None, like)
             last = _set(_pointwise(dims, rt, t_out, b is not None), dec.u_t, b, like)
@@ -130,13 +132,13 @@ def build_block(
     if feature_shape is not None:
         s_in, *spatial = feature_shape
         w4 = w.reshape(t_out, s_in, *spatial)
-        dec = tucker2(w4, (rs, rt), n_iter=hooi_iters)
+        dec = tucker2(w4, (rs, rt), n_iter=hooi_iters, solver=solver)
         first = _set(_pointwise(len(spatial), s_in, rs, False), dec.u_s.t(), None, like)
         core = _set(nn.Linear(rs * math.prod(spatial), rt, bias=False), dec.core.reshape(rt, -1), None, like)
         last = _set(nn.Linear(rt, t_out, bias=b is not None), dec.u_t, b, like)
         block = TuckerBlock(first, core, last, kind=kind, ranks=ranks, flatten=True)
         return block, relative_error(w4, dec.reconstruct())
-    dec = tucker2(w, (rs, rt), n_iter=hooi_iters)
+    dec = tucker2(w, (rs, rt), n_iter=hooi_iters, solver=solver)
     first = _set(nn.Linear(w.shape[1], rs, bias=False), dec.u_s.t(), None, like)
     core = _set(nn.Linear(rs, rt, bias=False), dec.core, None, like)
     last = _set(nn.Linear(rt, t_out, bias=b is not None), dec.u_t, b, like)

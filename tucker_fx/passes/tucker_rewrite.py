@@ -74,6 +74,7 @@ class TuckerRewrite:
 
     plan: Plan
     hooi_iters: int = 2
+    solver: str = "gram"
     progress: Optional[Progress] = None
     name: str = "tucker_rewrite"
     blocks: dict[str, TuckerBlock] = field(default_factory=dict)
@@ -106,7 +107,7 @@ class TuckerRewrite:
                 weight, bias, kind=entry.kind, ranks=tuple(entry.ranks or ()), op=site.op,
                 conv_args=_conv_args(site) if site.op == "conv" else None,
                 feature_shape=entry.feature_shape if entry.as_conv else None,
-                hooi_iters=self.hooi_iters,
+                hooi_iters=self.hooi_iters, solver=self.solver,
             )
         except ValueError as exc:
             raise DecompositionError(f"layer {entry.name!r}: {exc}") from exc
