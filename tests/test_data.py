@@ -87,6 +87,33 @@ def test_class_is_relative_to_handedness(left):
         assert np.sign(image_x - p.center_x) == expected and abs(u) > 0.1
 
 
+def test_framing_is_configurable():
+    """scale_range and offset widen the framing (a harder variant); the defaults are THETIS-like."""
+    default = SyntheticThetis(40, **SMALL)
+    wide = SyntheticThetis(40, **SMALL, scale_range=(0.5, 0.9), offset=0.25)
+    ps, pw = [default.params(i) for i in range(40)], [wide.params(i) for i in range(40)]
+    assert all(0.6 <= p.scale <= 0.8 for p in ps) and all(0.5 <= p.scale <= 0.9 for p in pw)
+    centre = 40 / 32 / 2
+    assert max(abs(p.center_x - centre) for p in ps) <= 0.12 + 1e-9
+    assert max(abs(p.center_x - centre) for p in pw) > 0.12
+    assert np.ptp([p.scale for p in pw]) > np.ptp([p.scale for p in ps])
+    assert wide.extra()["scale_range"] == [0.5, 0.9] and wide.extra()["offset"] == 0.25
+    fixed = SyntheticThetis(4, **SMALL, scale_range=(0.7, 0.7), offset=0.0)
+    assert {fixed.params(i).scale for i in range(4)} == {0.7}
+    with pytest.raises(ValueError, match=r"scale_range must be \(low, high\)"):
+        SyntheticThetis(2, scale_range=(0.9, 0.5))
+    with pytest.raises(ValueError, match="offset must be a number in"):
+        SyntheticThetis(2, offset=-0.1)
+    with pytest.raises(ValueError, match="offset must be a number in"):
+        sample_params(np.random.default_rng(0), 0, offset=2.0)
+
+
+def test_default_resolution():
+    ds = SyntheticThetis(1)
+    assert ds.resolution == (80, 128) and thetis_net_for().l1.in_features == thetis_flat_features(28, 80, 128) == 2688
+    assert thetis_flat_features(28, 64, 80) == 1152  # the former default (docs/training.md quotes both)
+
+
 def test_transform_and_errors():
     ds = SyntheticThetis(2, **SMALL, transform=hflip)
     plain = SyntheticThetis(2, **SMALL)

@@ -1,4 +1,5 @@
-"""finetune under torchrun: 2 CPU processes over gloo on localhost end with identical weights."""
+"""finetune under torchrun: 2 CPU processes over gloo on localhost end with identical weights;
+evaluate over a DistributedSampler counts every sample once; distributed=False stays local."""
 
 import os
 import socket
@@ -14,9 +15,9 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
                                 reason="torch.distributed with gloo is not available")
 
 WORKER = textwrap.dedent('''
-    import os, sys
+    import copy, os, sys
     import torch
-    from torch.utils.data import DataLoader, TensorDataset
+    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
     import tucker_fx
     from tucker_fx.training import mlp
 
@@ -34,8 +35,17 @@ WORKER = textwrap.dedent('''
             p.add_(0.05 * rank)
     start = {k: v.clone() for k, v in student.state_dict().items()}
     hist = tucker_fx.finetune(student, loader, epochs=3, lr=0.01, teacher=teacher, seed=0, quiet=rank != 0)
+    if rank == 0:  # inside the group, on one rank only: distributed=False must make no collective call
+        local = tucker_fx.finetune(copy.deepcopy(student), loader, epochs=1, distributed=False, quiet=True)
+        assert local.world_size == 1 and local.samples == 64, (local.world_size, local.samples)
+    # 63 samples on 2 ranks: the sampler repeats one; evaluate must count each sample once
+    val = TensorDataset(x[:63], y[:63])
+    sampler = DistributedSampler(val, shuffle=True, seed=3)
+    ev = tucker_fx.evaluate(student, DataLoader(val, batch_size=8, sampler=sampler))
+    full = tucker_fx.evaluate(student, DataLoader(val, batch_size=8))
     torch.save({"start": start, "end": student.state_dict(), "losses": hist.losses, "world": hist.world_size,
-                "samples": hist.samples, "steps": hist.steps}, os.path.join(out, f"rank{rank}.pt"))
+                "samples": hist.samples, "steps": hist.steps, "eval": ev.to_dict(), "full": full.to_dict()},
+               os.path.join(out, f"rank{rank}.pt"))
 ''')
 
 
@@ -67,3 +77,7 @@ def test_torchrun_two_ranks_agree(tmp_path):
         assert torch.equal(r0["end"][k], r1["end"][k]), k
     assert not all(torch.equal(r0["start"][k], r1["start"][k]) for k in r0["start"])  # they did start apart
     assert not all(torch.equal(r0["start"][k], r0["end"][k]) for k in r0["start"])   # and trained
+    # evaluate over a DistributedSampler: summed over the ranks, the padded repeat left out
+    assert r0["eval"] == r1["eval"]
+    assert r0["eval"]["total"] == 63 and r0["eval"]["duplicates_skipped"] == 1
+    assert r0["eval"]["correct"] == r0["full"]["correct"] and r0["eval"]["counts"] == r0["full"]["counts"]

@@ -145,6 +145,92 @@ def test_finetune_trains_fft_lowered_layers():
         torch.testing.assert_close(fft(x), direct, atol=1e-4, rtol=1e-4)
 
 
+def test_finetune_not_distributed_makes_no_collective_call(monkeypatch):
+    """distributed=False inside an initialised process group must not all-reduce (other ranks may
+    not be calling finetune at all: that would hang them)."""
+    import tucker_fx.training.loop as loop
+
+    def no_collectives(*args, **kw):
+        raise AssertionError("finetune(distributed=False) made a collective call")
+
+    monkeypatch.setattr(loop, "world", lambda: (0, 2))  # as if a 2-rank group were initialised
+    monkeypatch.setattr(loop, "all_reduce_sum", no_collectives)
+    hist = finetune(mlp([6, 3], seed=0), _loader(_toy()), epochs=2, distributed=False, quiet=True)
+    assert hist.world_size == 1 and hist.samples == 2 * 96
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_evaluate_skips_distributed_sampler_padding(shuffle):
+    """5 samples on 2 ranks: the sampler pads rank 1 with a repeat; it must not be counted."""
+    from torch.utils.data import DistributedSampler
+
+    data = _toy(5)
+    net = mlp([6, 3], seed=0)
+    full = evaluate(net, DataLoader(data, batch_size=2), num_classes=3)
+    parts = []
+    for rank in (0, 1):
+        sampler = DistributedSampler(data, num_replicas=2, rank=rank, shuffle=shuffle, seed=1)
+        parts.append(evaluate(net, DataLoader(data, batch_size=2, sampler=sampler), num_classes=3))
+    assert [p.total for p in parts] == [3, 2] and [p.duplicates_skipped for p in parts] == [0, 1]
+    assert sum(p.correct for p in parts) == full.correct and sum(p.total for p in parts) == full.total == 5
+    assert tuple(a + b for a, b in zip(parts[0].counts, parts[1].counts)) == full.counts
+    dropped = DistributedSampler(data, num_replicas=2, rank=1, drop_last=True)  # drops the tail instead
+    assert evaluate(net, DataLoader(data, batch_size=2, sampler=dropped)).total == 2
+
+
+# ---- model selection on a validation set ---------------------------------------------------
+
+def _threshold_net(k):
+    """A net that calls the first ``k`` of the points 1, 2, 3, 4 class 0 (the label of all four)."""
+    net = nn.Linear(1, 2)
+    with torch.no_grad():
+        net.weight.copy_(torch.tensor([[0.0], [1.0]]))
+        net.bias.copy_(torch.tensor([0.0, -(k + 0.5)]))
+    return net
+
+
+def test_early_stopping_keeps_the_best_epoch_and_stops_after_patience():
+    from tucker_fx.training import EarlyStopping, TrainHistory
+
+    val = [(torch.tensor([[1.0], [2.0], [3.0], [4.0]]), torch.zeros(4, dtype=torch.long))]
+    net, seen = nn.Linear(1, 2), []
+    stop = EarlyStopping(net, val, patience=2, on_epoch=seen.append)
+    hist = TrainHistory()
+    decisions = []
+    for epoch, k in enumerate([1, 2, 2, 3, 1, 2], start=1):  # accuracy 25, 50, 50, 75, 25, 50 %
+        net.load_state_dict(_threshold_net(k).state_dict())
+        hist.losses.append(1.0 / epoch)
+        decisions.append(stop(epoch, hist))
+    assert decisions == [False, False, False, False, False, True]  # 2 epochs after the last rise (epoch 4)
+    assert stop.best_epoch == 4 and stop.best.accuracy == 0.75 and stop.stopped_early
+    assert [row["val_accuracy"] for row in seen] == [0.25, 0.5, 0.5, 0.75, 0.25, 0.5]
+    assert stop.restore() is net and evaluate(net, val).accuracy == 0.75  # the best weights are back
+    # no early stop before the best validation accuracy reaches min_accuracy (a slow start)
+    slow = EarlyStopping(net, val, patience=1, min_accuracy=0.7)
+    for epoch, k in enumerate([1, 1, 1, 3, 3], start=1):
+        net.load_state_dict(_threshold_net(k).state_dict())
+        hist.losses.append(0.5)
+        last = slow(epoch, hist)
+        assert last == (epoch == 5)
+
+
+def test_early_stopping_as_a_finetune_callback():
+    from tucker_fx.training import EarlyStopping
+
+    train, val = _toy(96, seed=0), _toy(64, seed=1)
+    net = mlp([6, 16, 3], seed=0)
+    stop = EarlyStopping(net, DataLoader(val, batch_size=32), patience=3)
+    hist = finetune(net, _loader(train), epochs=12, lr=0.05, quiet=True, seed=0, callback=stop)
+    assert len(stop.history) == len(hist.losses)
+    stop.restore()
+    assert evaluate(net, DataLoader(val, batch_size=32)).accuracy == stop.best.accuracy
+    assert stop.best.accuracy == max(row["val_accuracy"] for row in stop.history)
+    with pytest.raises(ValueError, match="patience must be an int >= 1 or None, got 0"):
+        EarlyStopping(net, [], patience=0)
+    with pytest.raises(ValueError, match="no epoch has been evaluated"):
+        EarlyStopping(net, []).restore()
+
+
 # ---- the whole pipeline, tiny ---------------------------------------------------------------
 
 def test_tiny_pipeline_train_compress_finetune():
@@ -163,42 +249,190 @@ def test_tiny_pipeline_train_compress_finetune():
     assert result.after.total_params < result.before.total_params
     assert isinstance(result.module, torch.fx.GraphModule)
     compressed = evaluate(result.module, eval_loader)
-    result.module.requires_grad_(True)  # compress leaves the factors frozen (blocks.py); train them all
+    assert all(p.requires_grad for p in result.module.parameters())  # every factor trains
     finetune(result.module, loader, epochs=4, lr=1e-3, teacher=model, quiet=True, seed=0)
     tuned = evaluate(result.module, eval_loader)
     assert tuned.accuracy >= compressed.accuracy and tuned.loss < compressed.loss
 
 
-def test_train_demo_cli_writes_json(tmp_path, capsys):
-    path = tmp_path / "train.json"
-    rc = main(["train", "--resolution", "32x40", "--frames", "8", "--train-size", "8", "--test-size", "4",
-               "--max-epochs", "1", "--finetune-epochs", "1", "--repeats", "1", "--no-plot", "--quiet",
-               "--json", str(path)])
-    assert rc == 0
-    out = capsys.readouterr().out
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One tiny ``tucker-fx train`` run through the CLI, with every evaluation recorded: which split,
+    and whether a training loop was running at the time."""
+    import tucker_fx.reporting.train_demo as demo
+    import tucker_fx.training.loop as loop
+
+    calls, state = [], {"training": False}
+
+    def spy_eval(real):
+        def wrapped(model, loader, **kw):
+            calls.append((getattr(loader.dataset, "split", None), state["training"]))
+            return real(model, loader, **kw)
+        return wrapped
+
+    def spy_finetune(*args, **kw):
+        state["training"] = True
+        try:
+            return loop.finetune(*args, **kw)
+        finally:
+            state["training"] = False
+
+    path = tmp_path_factory.mktemp("train") / "train.json"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(loop, "evaluate", spy_eval(loop.evaluate))
+        mp.setattr(demo, "evaluate", spy_eval(demo.evaluate))
+        mp.setattr(demo, "finetune", spy_finetune)
+        out = io.StringIO()
+        from contextlib import redirect_stdout
+        with redirect_stdout(out):
+            rc = main(["train", "--resolution", "32x40", "--frames", "8", "--train-size", "8", "--val-size", "6",
+                       "--test-size", "4", "--max-epochs", "3", "--patience", "none", "--finetune-epochs", "2",
+                       "--repeats", "1", "--no-plot", "--quiet", "--json", str(path)])
+    return {"rc": rc, "stdout": out.getvalue(), "data": json.loads(path.read_text()), "calls": calls}
+
+
+def test_train_demo_cli_writes_json(tiny_run):
+    assert tiny_run["rc"] == 0
+    out, data = tiny_run["stdout"], tiny_run["data"]
     assert "| paper ranks |" in out and "| evbmf ranks |" in out and "Linear probe" in out
-    data = json.loads(path.read_text())
+    assert "Target (issue 6)" in out and out.count("**MET**") + out.count("**NOT MET**") == 2
     assert {c["name"] for c in data["compressed"]} == {"evbmf", "paper"}
     paper = next(c for c in data["compressed"] if c["name"] == "paper")
     assert [row["ranks"] for row in paper["plan"]] == [[2, 2], [2, 3], [4, 7], [1], None]
     assert data["original"]["params"] > paper["params_after"] and paper["params_ratio"] > 1
     assert 0.0 <= paper["after_finetune"]["test"]["accuracy"] <= 1.0 and data["ms"]["original"] > 0
+    # every factor of the compressed model trains (compress hands back trainable parameters)
+    assert paper["trainable_params"] == paper["parameters"] > 0
+
+
+def test_train_demo_selects_on_validation_never_on_test(tiny_run):
+    data, calls = tiny_run["data"], tiny_run["calls"]
+    # while any model trains, only the validation split is evaluated
+    during = [split for split, training in calls if training]
+    assert during and set(during) == {"val"}
+    assert ("test", False) in calls
+    for sel in [data["original"]] + [c["after_finetune"] for c in data["compressed"]]:
+        accs = [row["val_accuracy"] for row in sel["curve"]]
+        assert len(accs) == sel["epochs_run"] and "test_accuracy" not in sel["curve"][0]
+        best = max(accs)
+        assert accs[sel["selected_epoch"] - 1] == best  # the selected epoch is a best-validation one
+        assert sel["val"]["accuracy"] == best if "val" in sel else True
+    assert data["original"]["epochs_run"] == data["settings"]["max_epochs"] == 3  # --patience none: whole budget
+    assert data["settings"]["val_size"] == 6 and "validation" in data["selection"]
+
+
+def test_train_demo_states_the_target(tiny_run):
+    data = tiny_run["data"]
+    t = data["target"]
+    assert (t["max_drop_points"], t["min_params_ratio"]) == (1.0, 40.0)
+    assert set(t["models"]) == {"evbmf", "paper"}
+    for c in data["compressed"]:
+        m = t["models"][c["name"]]
+        drop = 100 * (data["original"]["test"]["accuracy"] - c["after_finetune"]["test"]["accuracy"])
+        assert m["drop_points"] == pytest.approx(drop)
+        assert m["met"] == (drop <= 1.0 + 1e-9 and c["params_ratio"] >= 40.0)
+        assert (c["name"] in t["met_by"]) == m["met"]
+    # 32 x 40 is far too small for 40x: the paper's ranks give about x8 there
+    assert not t["models"]["paper"]["params_ratio_ok"]
+
+
+def test_target_check():
+    from tucker_fx.reporting.train_demo import target_check
+
+    assert target_check(0.90, 0.89, 40.0)["met"]
+    assert not target_check(0.90, 0.889, 40.0)["met"] and not target_check(0.90, 0.95, 39.9)["met"]
+
+
+def test_plot_when_matplotlib_is_installed(tiny_run, tmp_path):
+    pytest.importorskip("matplotlib")
+    r = tiny_run["data"]
+    assert "Ranks per layer" in format_train_demo(r)
+    path = plot_train_demo(r, str(tmp_path / "p.png"))
+    assert path and Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_train_demo_on_other_ranks_writes_and_times_nothing(tmp_path):
+    """Under torchrun, ranks other than 0 train but skip the probe, the timing and the plot."""
+    plot = tmp_path / "p.png"
+    r = train_demo(resolution=(32, 40), frames=8, train_size=4, val_size=2, test_size=2, max_epochs=1,
+                   finetune_epochs=1, repeats=1, plot=str(plot), quiet=True, rank=1)
+    assert "ms" not in r and "linear_probe" not in r and "plot" not in r and not plot.exists()
+    assert "| original |" in format_train_demo(r)  # still formats (speed columns empty)
 
 
 def test_train_demo_errors():
     with pytest.raises(ValueError, match="target must be an accuracy"):
         train_demo(target=90)
+    with pytest.raises(ValueError, match="patience must be an int >= 1 or None"):
+        train_demo(patience=0)
     with pytest.raises(ValueError, match="expected frames >= 8"):
         train_demo(resolution=(16, 16), plot=None, quiet=True)
+    with pytest.raises(FileNotFoundError, match="expected an existing folder"):
+        train_demo(plot="/no/such/folder/p.png")
 
 
-def test_plot_when_matplotlib_is_installed(tmp_path):
-    pytest.importorskip("matplotlib")
-    r = train_demo(resolution=(32, 40), frames=8, train_size=4, test_size=2, max_epochs=1, finetune_epochs=1,
-                   repeats=1, plot=None, probe=False, quiet=True)
-    assert "Ranks per layer" in format_train_demo(r)
-    path = plot_train_demo(r, str(tmp_path / "p.png"))
-    assert path and Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+# ---- the CLI: output paths checked before any work, OSError as a clean error, rank 0 only ----
+
+def _no_training(*args, **kw):
+    raise AssertionError("train_demo ran although an output path was bad")
+
+
+@pytest.mark.parametrize("flag", ["--json", "--plot"])
+def test_train_cli_rejects_unwritable_paths_at_once(flag, tmp_path, monkeypatch, capsys):
+    import tucker_fx.reporting.train_demo as demo
+
+    monkeypatch.setattr(demo, "train_demo", _no_training)
+    assert main(["train", flag, str(tmp_path / "missing" / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"tucker-fx train: error: {flag}: cannot write") and "does not exist" in err
+    assert "Traceback" not in err
+    assert main(["train", flag, str(tmp_path)]) == 1  # a folder, not a file
+    assert "expected a file path, got a folder" in capsys.readouterr().err
+
+
+def test_cli_turns_oserror_into_a_clean_error(monkeypatch, capsys):
+    import tucker_fx.cli as cli
+
+    def broken(args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setitem(cli.COMMANDS, "train", broken)
+    assert main(["train"]) == 1
+    assert capsys.readouterr().err == "tucker-fx train: error: [Errno 28] No space left on device\n"
+
+
+def test_train_cli_prints_and_writes_on_rank_0_only(tmp_path, monkeypatch, capsys):
+    import tucker_fx.reporting.train_demo as demo
+
+    seen = {}
+
+    def fake(**kw):
+        seen.update(kw)
+        return {"fake": True}
+
+    monkeypatch.setattr(demo, "train_demo", fake)
+    monkeypatch.setattr(demo, "format_train_demo", lambda r: "REPORT")
+    path = tmp_path / "t.json"
+    monkeypatch.setenv("RANK", "1")
+    assert main(["train", "--json", str(path), "--no-plot"]) == 0
+    assert capsys.readouterr().out == "" and not path.exists()
+    assert seen["val_size"] == demo.DEFAULTS["val_size"] and seen["patience"] == demo.DEFAULTS["patience"]
+    monkeypatch.setenv("RANK", "0")
+    assert main(["train", "--json", str(path), "--no-plot"]) == 0
+    assert capsys.readouterr().out.startswith("REPORT") and json.loads(path.read_text()) == {"fake": True}
+
+
+def test_default_resolution_gives_40x_with_the_paper_ranks():
+    from tucker_fx.data import DEFAULT_RESOLUTION, thetis_flat_features
+    from tucker_fx.reporting.train_demo import DEFAULTS
+
+    h, w = DEFAULTS["resolution"]
+    assert (h, w) == DEFAULT_RESOLUTION and thetis_flat_features(28, h, w) == 2688
+    model = thetis_net_for(28, h, w).eval()
+    result = tucker_fx.compress(model, torch.randn(1, 4, 28, h, w),
+                                config=thetis_paper_config(lowering="none", progress=False, validate=False))
+    assert result.params_ratio >= 40.0
+    assert (result.before.total_params, result.after.total_params) == (376940, 9230)
 
 
 # ---- the MLP example in the docs ------------------------------------------------------------

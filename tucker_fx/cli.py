@@ -36,6 +36,18 @@ def _resolution(text: str) -> tuple[int, int]:
     return (shape[0], shape[1])
 
 
+def _patience(text: str) -> Optional[int]:
+    if text.lower() == "none":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1 or 'none', got {text!r}")
+    return value
+
+
 def _load(spec: str, shape: Optional[tuple[int, ...]]) -> tuple[torch.nn.Module, tuple[int, ...]]:
     from tucker_fx.models import get_model
 
@@ -112,14 +124,22 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     import json
 
-    from tucker_fx.reporting.train_demo import format_train_demo, train_demo
+    from tucker_fx.reporting.train_demo import check_output_path, format_train_demo, train_demo
+    from tucker_fx.training.distributed import env_rank
 
+    plot = None if args.no_plot else args.plot
+    for path, what in ((args.json, "--json"), (plot, "--plot")):  # fail now, not after minutes of training
+        if path:
+            check_output_path(path, what)
+    lead = env_rank() == 0  # under torchrun, only rank 0 prints the report and writes files
     result = train_demo(
-        resolution=args.resolution, frames=args.frames, train_size=args.train_size, test_size=args.test_size,
-        batch_size=args.batch_size, max_epochs=args.max_epochs, target=args.target, lr=args.lr,
-        finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr, seed=args.seed, repeats=args.repeats,
-        probe=not args.no_probe, plot=None if args.no_plot else args.plot, quiet=args.quiet,
+        resolution=args.resolution, frames=args.frames, train_size=args.train_size, val_size=args.val_size,
+        test_size=args.test_size, batch_size=args.batch_size, max_epochs=args.max_epochs, patience=args.patience,
+        target=args.target, lr=args.lr, finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
+        seed=args.seed, repeats=args.repeats, probe=not args.no_probe, plot=plot, quiet=args.quiet,
     )
+    if not lead:
+        return 0
     print(format_train_demo(result))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
@@ -172,16 +192,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"HxW of the clips (the paper: 120x160; default {T['resolution'][0]}x{T['resolution'][1]})")
     p.add_argument("--frames", type=int, default=T["frames"])
     p.add_argument("--train-size", type=int, default=T["train_size"])
-    p.add_argument("--test-size", type=int, default=T["test_size"])
+    p.add_argument("--val-size", type=int, default=T["val_size"], help="validation clips (model selection)")
+    p.add_argument("--test-size", type=int, default=T["test_size"], help="test clips (reported accuracy only)")
     p.add_argument("--batch-size", type=int, default=T["batch_size"])
-    p.add_argument("--max-epochs", type=int, default=T["max_epochs"], help="training stops earlier at --target")
-    p.add_argument("--target", type=float, default=T["target"], help="test accuracy that ends training")
+    p.add_argument("--max-epochs", type=int, default=T["max_epochs"], help="training budget of the original")
+    p.add_argument("--patience", type=_patience, default=T["patience"],
+                   help="stop after this many epochs without a rise in validation accuracy ('none': never)")
+    p.add_argument("--target", type=float, default=T["target"],
+                   help="accuracy the original should reach (on test); no model stops early below it (on val)")
     p.add_argument("--lr", type=float, default=T["lr"])
-    p.add_argument("--finetune-epochs", type=int, default=T["finetune_epochs"])
+    p.add_argument("--finetune-epochs", type=int, default=T["finetune_epochs"], help="fine-tuning budget per model")
     p.add_argument("--finetune-lr", type=float, default=T["finetune_lr"])
     p.add_argument("--seed", type=int, default=T["seed"])
     p.add_argument("--repeats", type=int, default=T["repeats"], help="timed runs per model (median)")
-    p.add_argument("--plot", metavar="PATH", default="train_demo.png", help="PNG plot (needs matplotlib)")
+    p.add_argument("--plot", metavar="PATH", default="train_demo.png",
+                   help="PNG plot (needs matplotlib; default train_demo.png in the current folder)")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--no-probe", action="store_true", help="skip the linear-probe baseline")
     p.add_argument("--json", metavar="PATH", help="also write the numbers as JSON")
@@ -196,6 +221,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, TypeError) as exc:
         print(f"tucker-fx {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # an output path that cannot be written, a full disk, ...
+        print(f"tucker-fx {args.command}: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -10,13 +10,14 @@ Example:
 from tucker_fx.data.digits import digits_datasets, have_sklearn
 from tucker_fx.data.probe import ProbeResult, linear_probe, probe_features
 from tucker_fx.data.thetis import (
-    CLASSES, DEFAULT_RESOLUTION, FULL_RESOLUTION, NORM_MEAN, NORM_STD, THETIS_FRAMES, SwingParams, SyntheticThetis, hflip,
-    render_swing, sample_params, thetis_flat_features, thetis_net_for,
+    CLASSES, DEFAULT_OFFSET, DEFAULT_RESOLUTION, DEFAULT_SCALE_RANGE, FULL_RESOLUTION, NORM_MEAN, NORM_STD,
+    THETIS_FRAMES, SwingParams, SyntheticThetis, hflip, render_swing, sample_params, thetis_flat_features,
+    thetis_net_for,
 )
 
 __all__ = [
-    "CLASSES", "DEFAULT_RESOLUTION", "FULL_RESOLUTION", "NORM_MEAN", "NORM_STD", "THETIS_FRAMES", "SwingParams",
-    "SyntheticThetis",
+    "CLASSES", "DEFAULT_RESOLUTION", "DEFAULT_SCALE_RANGE", "DEFAULT_OFFSET", "FULL_RESOLUTION", "NORM_MEAN",
+    "NORM_STD", "THETIS_FRAMES", "SwingParams", "SyntheticThetis",
     "hflip", "render_swing", "sample_params", "thetis_flat_features", "thetis_net_for",
     "ProbeResult", "linear_probe", "probe_features", "digits_datasets", "have_sklearn",
 ]

@@ -2,7 +2,7 @@
 
 Real THETIS cannot be downloaded here, so :class:`SyntheticThetis` renders comparable clips:
 4 channels (RGB + depth), 28 frames centred on the moment of contact, 120 x 160 available
-(smaller by default, for speed), two classes. Every sample is a deterministic function of
+(80 x 128 by default, for speed), two classes. Every sample is a deterministic function of
 ``(seed, split, index)``. How a clip is made is documented in ``docs/training.md``.
 
 The classes are defined relative to the player's handedness: a *forehand* is hit on the side
@@ -33,7 +33,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 __all__ = [
-    "CLASSES", "THETIS_FRAMES", "FULL_RESOLUTION", "DEFAULT_RESOLUTION", "NORM_MEAN", "NORM_STD", "SwingParams",
+    "CLASSES", "THETIS_FRAMES", "FULL_RESOLUTION", "DEFAULT_RESOLUTION", "DEFAULT_SCALE_RANGE", "DEFAULT_OFFSET",
+    "NORM_MEAN", "NORM_STD", "SwingParams",
     "SyntheticThetis",
     "render_swing", "sample_params", "thetis_flat_features", "thetis_net_for", "hflip",
 ]
@@ -41,7 +42,12 @@ __all__ = [
 CLASSES = ("forehand", "backhand")
 THETIS_FRAMES = 28
 FULL_RESOLUTION = (120, 160)
-DEFAULT_RESOLUTION = (64, 80)
+#: 80 x 128: the smallest 28-frame geometry at which the paper's ranks give >= 40x fewer weights
+#: (x40.8: L1 is Linear(2688, 128)); a training step costs about half of one at 120 x 160
+DEFAULT_RESOLUTION = (80, 128)
+#: the subject's height as a fraction of the frame's, and its largest offset from the centre
+#: (frame heights), by default: THETIS's videos are "fairly standardised"
+DEFAULT_SCALE_RANGE, DEFAULT_OFFSET = (0.6, 0.8), 0.12
 #: ``normalize=True`` returns ``(x - NORM_MEAN) / NORM_STD`` of the [0, 1] pixels: centred, unit-ish scale,
 #: which the THETIS net (no normalisation layers) needs to start learning
 NORM_MEAN, NORM_STD = 0.45, 0.25
@@ -176,10 +182,22 @@ _LOCATIONS: tuple[dict[str, Any], ...] = (
 )
 
 
+def _check_framing(scale_range: Any, offset: Any, where: str) -> None:
+    if (not isinstance(scale_range, (tuple, list)) or len(scale_range) != 2
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in scale_range)
+            or not 0.1 <= scale_range[0] <= scale_range[1] <= 1.0):
+        raise ValueError(f"{where}: scale_range must be (low, high) with 0.1 <= low <= high <= 1, got {scale_range!r}")
+    if not isinstance(offset, (int, float)) or isinstance(offset, bool) or not 0.0 <= offset <= 1.0:
+        raise ValueError(f"{where}: offset must be a number in [0, 1] (frame heights), got {offset!r}")
+
+
 def sample_params(rng: np.random.Generator, label: int, *, frames: int = THETIS_FRAMES,
                   width_over_height: float = 4 / 3, left_handed: float = 0.2, two_handed: float = 0.5,
-                  clutter: bool = True, noise: bool = True) -> SwingParams:
-    """Draw one scene of class ``label`` (0 forehand, 1 backhand).
+                  clutter: bool = True, noise: bool = True, scale_range: tuple[float, float] = DEFAULT_SCALE_RANGE,
+                  offset: float = DEFAULT_OFFSET) -> SwingParams:
+    """Draw one scene of class ``label`` (0 forehand, 1 backhand). ``scale_range``: the player's
+    height as a fraction of the frame's; ``offset``: the largest horizontal offset of the player
+    from the frame's centre, in frame heights (wider ranges make a harder data set).
 
     Example:
         >>> p = sample_params(np.random.default_rng(0), 1)
@@ -188,10 +206,11 @@ def sample_params(rng: np.random.Generator, label: int, *, frames: int = THETIS_
     """
     if label not in (0, 1):
         raise ValueError(f"sample_params: label must be 0 (forehand) or 1 (backhand), got {label!r}")
+    _check_framing(scale_range, offset, "sample_params")
     wh = width_over_height
-    scale = _u(rng, 0.6, 0.8)
+    scale = _u(rng, *scale_range)
     margin = 0.42 * scale + 0.03
-    center_x = float(np.clip(wh / 2 + _u(rng, -0.12, 0.12), margin, max(margin, wh - margin)))  # roughly centred
+    center_x = float(np.clip(wh / 2 + _u(rng, -offset, offset), margin, max(margin, wh - margin)))  # roughly centred
     skin = tuple(float(v) for v in np.array([0.95, 0.75, 0.6]) * _u(rng, 0.35, 1.0))
     loc = _LOCATIONS[int(rng.integers(len(_LOCATIONS)))]
     stretch = wh / (4 / 3)  # the templates are laid out for a 4:3 frame
@@ -400,7 +419,9 @@ class SyntheticThetis(Dataset):
     (the splits never share a clip). Clips are stored as 8-bit, like a camera's, and kept in memory
     after the first access when ``cache`` (about ``4 * frames * H * W`` bytes each).
     ``left_handed`` and ``two_handed`` are the fractions of left-handed players and of
-    two-handed backhands; ``clutter=False`` / ``noise=False`` give clean scenes. ``transform``
+    two-handed backhands; ``clutter=False`` / ``noise=False`` give clean scenes; ``scale_range``
+    (player height / frame height) and ``offset`` (largest distance of the player from the frame's
+    centre, in frame heights) set the framing: wider ranges make a harder data set. ``transform``
     (a callable on the video tensor) is applied on every access, e.g. :func:`hflip`.
 
     Example:
@@ -414,7 +435,8 @@ class SyntheticThetis(Dataset):
     def __init__(self, size: int = 256, *, resolution: tuple[int, int] = DEFAULT_RESOLUTION,
                  frames: int = THETIS_FRAMES, seed: int = 0, split: str = "train", left_handed: float = 0.2,
                  two_handed: float = 0.5, clutter: bool = True, noise: bool = True, normalize: bool = True,
-                 cache: bool = True, transform: Optional[Callable[[Tensor], Tensor]] = None) -> None:
+                 cache: bool = True, transform: Optional[Callable[[Tensor], Tensor]] = None,
+                 scale_range: tuple[float, float] = DEFAULT_SCALE_RANGE, offset: float = DEFAULT_OFFSET) -> None:
         if not isinstance(size, int) or isinstance(size, bool) or size < 1:
             raise ValueError(f"SyntheticThetis: size must be an int >= 1, got {size!r}")
         if (not isinstance(resolution, (tuple, list)) or len(resolution) != 2
@@ -427,6 +449,7 @@ class SyntheticThetis(Dataset):
         for name, v in (("left_handed", left_handed), ("two_handed", two_handed)):
             if not (isinstance(v, (int, float)) and 0.0 <= v <= 1.0):
                 raise ValueError(f"SyntheticThetis: {name} must be a fraction in [0, 1], got {v!r}")
+        _check_framing(scale_range, offset, "SyntheticThetis")
         if transform is not None and not callable(transform):
             raise TypeError(f"SyntheticThetis: transform must be callable, got {type(transform).__name__}")
         self.size, self.resolution, self.frames = size, (int(resolution[0]), int(resolution[1])), frames
@@ -434,6 +457,7 @@ class SyntheticThetis(Dataset):
         self.left_handed, self.two_handed = float(left_handed), float(two_handed)
         self.clutter, self.noise, self.normalize = clutter, noise, normalize
         self.cache, self.transform = cache, transform
+        self.scale_range, self.offset = (float(scale_range[0]), float(scale_range[1])), float(offset)
         self._store: dict[int, Tensor] = {}
 
     def __len__(self) -> int:
@@ -464,7 +488,8 @@ class SyntheticThetis(Dataset):
         h, w = self.resolution
         return sample_params(self._rng(i), i % 2, frames=self.frames, width_over_height=w / h,
                              left_handed=self.left_handed, two_handed=self.two_handed,
-                             clutter=self.clutter, noise=self.noise)
+                             clutter=self.clutter, noise=self.noise, scale_range=self.scale_range,
+                             offset=self.offset)
 
     def _render8(self, i: int) -> Tensor:
         p = self.params(i)
@@ -498,11 +523,12 @@ class SyntheticThetis(Dataset):
     def __repr__(self) -> str:
         h, w = self.resolution
         return (f"SyntheticThetis(size={self.size}, split={self.split!r}, seed={self.seed}, frames={self.frames}, "
-                f"resolution=({h}, {w}), left_handed={self.left_handed}, two_handed={self.two_handed})")
+                f"resolution=({h}, {w}), left_handed={self.left_handed}, two_handed={self.two_handed}, "
+                f"scale_range={self.scale_range}, offset={self.offset})")
 
     def extra(self) -> dict[str, Any]:
         """The settings as plain data (for reports)."""
         return {"size": self.size, "split": self.split, "seed": self.seed, "frames": self.frames,
                 "resolution": list(self.resolution), "left_handed": self.left_handed,
                 "two_handed": self.two_handed, "clutter": self.clutter, "noise": self.noise,
-                "normalize": self.normalize}
+                "normalize": self.normalize, "scale_range": list(self.scale_range), "offset": self.offset}

@@ -8,7 +8,7 @@ Example:
     (8, 3)
 """
 
-from tucker_fx.training.loop import EvalResult, TrainHistory, distillation_loss, evaluate, finetune
+from tucker_fx.training.loop import EarlyStopping, EvalResult, TrainHistory, distillation_loss, evaluate, finetune
 from tucker_fx.training.mlp import MLP, mlp
 
-__all__ = ["finetune", "evaluate", "EvalResult", "TrainHistory", "distillation_loss", "MLP", "mlp"]
+__all__ = ["finetune", "evaluate", "EarlyStopping", "EvalResult", "TrainHistory", "distillation_loss", "MLP", "mlp"]

@@ -21,7 +21,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
-__all__ = ["world", "env_world_size", "init_distributed", "shard_loader", "all_reduce_sum", "default_backend"]
+__all__ = ["world", "env_rank", "env_world_size", "init_distributed", "shard_loader", "all_reduce_sum",
+           "default_backend"]
 
 
 def world() -> tuple[int, int]:
@@ -29,6 +30,17 @@ def world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def env_rank() -> int:
+    """This process's rank: the initialised group's, else ``RANK`` set by ``torchrun`` (0 when
+    absent). Use it to let only rank 0 print and write files."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        raise ValueError(f"RANK must be an integer, got {os.environ.get('RANK')!r}") from None
 
 
 def env_world_size() -> int:
@@ -75,9 +87,14 @@ def shard_loader(loader: DataLoader, rank: int, world_size: int, *, seed: int = 
                          "give it a DistributedSampler yourself")
     sampler = DistributedSampler(loader.dataset, num_replicas=world_size, rank=rank,  # type: ignore[arg-type]
                                  shuffle=isinstance(loader.sampler, RandomSampler), seed=seed)
+    workers: dict = {}
+    if loader.num_workers > 0:  # these are only accepted with worker processes
+        workers = dict(prefetch_factor=loader.prefetch_factor, persistent_workers=loader.persistent_workers,
+                       multiprocessing_context=loader.multiprocessing_context)
     return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler, num_workers=loader.num_workers,
                       collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, drop_last=loader.drop_last,
-                      timeout=loader.timeout, worker_init_fn=loader.worker_init_fn)
+                      timeout=loader.timeout, worker_init_fn=loader.worker_init_fn, generator=loader.generator,
+                      **workers)
 
 
 def all_reduce_sum(values: list[float], device: Optional[torch.device] = None) -> list[float]:

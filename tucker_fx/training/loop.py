@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from tucker_fx.training.distributed import all_reduce_sum, env_world_size, init_distributed, shard_loader, world
 
-__all__ = ["finetune", "evaluate", "EvalResult", "TrainHistory", "distillation_loss"]
+__all__ = ["finetune", "evaluate", "EvalResult", "TrainHistory", "EarlyStopping", "distillation_loss"]
 
 OptimizerSpec = Union[str, Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]]
 
@@ -66,6 +66,8 @@ class EvalResult:
     total: int
     loss: float
     class_names: Optional[tuple[str, ...]] = None
+    #: samples a ``DistributedSampler`` repeated to even out the ranks, left out of every count
+    duplicates_skipped: int = 0
 
     def name(self, c: int) -> str:
         return self.class_names[c] if self.class_names and c < len(self.class_names) else str(c)
@@ -128,7 +130,11 @@ def evaluate(model: nn.Module, loader: Iterable, *, num_classes: Optional[int] =
     """Top-1 accuracy, per-class accuracy and mean cross-entropy of ``model`` over ``loader``
     (batches of ``(inputs, targets)``; inputs go to the model's device). The model runs in eval
     mode under ``torch.no_grad`` and is left exactly as it was (modes restored, nothing moved).
-    Under DDP with a ``DistributedSampler`` loader the counts are summed over the ranks.
+
+    With a ``DistributedSampler`` (``loader.sampler``), the samples it repeats to give every rank
+    the same number (``drop_last=False``) are left out of the counts (``duplicates_skipped``), and
+    under an initialised process group the counts are summed over the ranks, so ``total`` is the
+    data set's size. (``drop_last=True`` drops the tail instead: ``total`` is then smaller.)
 
     Example:
         >>> import torch, torch.nn as nn
@@ -145,6 +151,9 @@ def evaluate(model: nn.Module, loader: Iterable, *, num_classes: Optional[int] =
     hits: dict[int, int] = {}
     counts: dict[int, int] = {}
     loss_sum, n, n_logits = 0.0, 0, 0
+    sampler = getattr(loader, "sampler", None)
+    real = _real_samples(sampler) if isinstance(sampler, DistributedSampler) else None
+    seen, skipped = 0, 0
     with _Modes(model, training=False), torch.no_grad():
         for batch in loader:
             x, y = _split_batch(batch, "evaluate")
@@ -153,6 +162,13 @@ def evaluate(model: nn.Module, loader: Iterable, *, num_classes: Optional[int] =
             if out.dim() != 2 or out.shape[0] != y.shape[0]:
                 raise ValueError(f"evaluate: expected logits of shape (batch, classes) = ({y.shape[0]}, C), "
                                  f"got {tuple(out.shape)}")
+            if real is not None:  # the sampler's padding comes last on each rank
+                keep = max(0, min(int(y.shape[0]), real - seen))
+                seen += int(y.shape[0])
+                skipped += int(y.shape[0]) - keep
+                out, y = out[:keep], y[:keep]
+                if keep == 0:
+                    continue
             loss_sum += F.cross_entropy(out.float(), y, reduction="sum").item()
             pred, n_logits = out.argmax(1), max(n_logits, int(out.shape[1]))
             for c in range(out.shape[1]):
@@ -162,17 +178,90 @@ def evaluate(model: nn.Module, loader: Iterable, *, num_classes: Optional[int] =
             n += int(y.shape[0])
     # the logits fix the class count, so every rank reduces vectors of the same length
     k = max(num_classes or 0, len(class_names or ()), n_logits)
-    vec = [float(counts.get(c, 0)) for c in range(k)] + [float(hits.get(c, 0)) for c in range(k)] + [loss_sum, float(n)]
-    sampler = getattr(loader, "sampler", None)
+    vec = ([float(counts.get(c, 0)) for c in range(k)] + [float(hits.get(c, 0)) for c in range(k)]
+           + [loss_sum, float(n), float(skipped)])
     if isinstance(sampler, DistributedSampler) and world()[1] > 1:
         vec = all_reduce_sum(vec, device if device.type == "cuda" else None)
     cnt, hit = [int(v) for v in vec[:k]], [int(v) for v in vec[k:2 * k]]
-    loss_sum, n = vec[-2], int(vec[-1])
+    loss_sum, n, skipped = vec[-3], int(vec[-2]), int(vec[-1])
     if n == 0:
         raise ValueError("evaluate: the loader gave no samples")
     per_class = tuple(h / c if c else float("nan") for h, c in zip(hit, cnt))
     return EvalResult(sum(hit) / n, per_class, tuple(cnt), sum(hit), n, loss_sum / n,
-                      tuple(class_names) if class_names is not None else None)
+                      tuple(class_names) if class_names is not None else None, skipped)
+
+
+def _real_samples(sampler: DistributedSampler) -> Optional[int]:
+    """How many of this rank's samples are distinct: the sampler lays the (shuffled) indices out,
+    pads them with repeats to a multiple of the ranks and deals position ``rank + j * ranks`` to
+    this rank; positions past the data set's length are the repeats. None when nothing is padded."""
+    if getattr(sampler, "drop_last", False):
+        return None
+    size = len(sampler.dataset)  # type: ignore[arg-type]
+    return len(range(int(sampler.rank), size, int(sampler.num_replicas)))
+
+
+class EarlyStopping:
+    """A :func:`finetune` ``callback`` that selects the model on a validation set: after every epoch
+    it evaluates ``model`` on ``val_loader``, keeps a copy of the best weights (highest accuracy,
+    then lowest loss), and stops training once the accuracy has not risen for ``patience`` epochs
+    (``None``: never stops early) -- but not before the best accuracy reaches ``min_accuracy``
+    (when given), so that a slow start at chance level does not end the run. :meth:`restore`
+    loads the best weights back. ``history`` holds one dict per epoch: ``epoch``, ``train_loss``,
+    ``val_accuracy``, ``val_loss``.
+
+    Keep the test split out of it: selecting on the data you report on overstates the accuracy.
+    Under DDP, give every rank the same (unsharded) ``val_loader``: the decisions then agree.
+
+    Example:
+        >>> import torch, torch.nn as nn
+        >>> x = torch.randn(64, 4); y = (x[:, 0] > 0).long(); data = [(x, y)]
+        >>> net = nn.Linear(4, 2)
+        >>> stop = EarlyStopping(net, data, patience=2)
+        >>> _ = finetune(net, data, epochs=30, lr=0.1, quiet=True, seed=0, callback=stop)
+        >>> net = stop.restore(); stop.best.accuracy == max(h["val_accuracy"] for h in stop.history)
+        True
+    """
+
+    def __init__(self, model: nn.Module, val_loader: Iterable, *, patience: Optional[int] = None,
+                 min_accuracy: Optional[float] = None, class_names: Optional[Sequence[str]] = None,
+                 on_epoch: Optional[Callable[[dict[str, float]], None]] = None) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"EarlyStopping expects a torch.nn.Module, got {type(model).__name__}")
+        if patience is not None and (not isinstance(patience, int) or isinstance(patience, bool) or patience < 1):
+            raise ValueError(f"EarlyStopping: patience must be an int >= 1 or None, got {patience!r}")
+        if min_accuracy is not None and not 0.0 <= min_accuracy <= 1.0:
+            raise ValueError(f"EarlyStopping: min_accuracy must be an accuracy in [0, 1] or None, got {min_accuracy!r}")
+        self.model, self.val_loader, self.patience, self.min_accuracy = model, val_loader, patience, min_accuracy
+        self.class_names, self.on_epoch = class_names, on_epoch
+        self.history: list[dict[str, float]] = []
+        self.best: Optional[EvalResult] = None
+        self.best_epoch = 0
+        self.stopped_early = False
+        self._rose = 0
+        self._state: Optional[dict[str, Tensor]] = None
+
+    def __call__(self, epoch: int, history: TrainHistory) -> bool:
+        r = evaluate(self.model, self.val_loader, class_names=self.class_names)
+        row = {"epoch": epoch, "train_loss": history.losses[-1], "val_accuracy": r.accuracy, "val_loss": r.loss}
+        self.history.append(row)
+        if self.on_epoch is not None:
+            self.on_epoch(row)
+        if self.best is None or r.accuracy > self.best.accuracy:
+            self._rose = epoch  # patience counts from the last epoch the accuracy rose
+        if self.best is None or (r.accuracy, -r.loss) > (self.best.accuracy, -self.best.loss):
+            self.best, self.best_epoch = r, epoch
+            self._state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.stopped_early = (self.patience is not None and epoch - self._rose >= self.patience
+                              and (self.min_accuracy is None or self.best.accuracy >= self.min_accuracy))
+        return self.stopped_early
+
+    def restore(self) -> nn.Module:
+        """Load the best weights seen into ``model`` (after at least one epoch) and return it."""
+        if self._state is None:
+            raise ValueError("EarlyStopping.restore: no epoch has been evaluated yet (pass it as finetune's callback)")
+        self.model.load_state_dict(self._state)
+        return self.model
 
 
 def distillation_loss(student: Tensor, teacher: Tensor, targets: Tensor, *, weight: float = 0.5,
@@ -256,10 +345,11 @@ def finetune(model: nn.Module, train_loader: Iterable, *, epochs: int = 1, lr: f
     - ``device``: where to train (the model is moved there; default: where it is).
     - ``distributed``: ``None`` (default) runs DistributedDataParallel when a process group is
       initialised or ``torchrun`` set ``WORLD_SIZE`` > 1 (gloo on CPU, nccl on GPU; the loader is
-      sharded with a ``DistributedSampler``; progress only on rank 0); ``False`` never does.
+      sharded with a ``DistributedSampler``; progress only on rank 0); ``False`` never does, and
+      then makes no collective call even inside an initialised process group.
     - ``quiet``: no progress bar (otherwise one line per epoch on stderr, a live bar on a terminal).
-    - ``callback(epoch, history)``: called after each epoch (1-based); returning True stops training
-      (early stopping, e.g. once a validation accuracy is reached).
+    - ``callback(epoch, history)``: called after each epoch (1-based); returning True stops training.
+      :class:`EarlyStopping` is one: model selection and early stopping on a validation set.
 
     The model's train/eval modes are restored at the end. A model compressed with the default
     ``TuckerConfig(lowering="auto")`` may hold FFT-lowered layers (``TuckerFFTConv``): they train
@@ -357,13 +447,15 @@ def finetune(model: nn.Module, train_loader: Iterable, *, epochs: int = 1, lr: f
                     loss_sum, count, i = loss_sum + loss.item() * n, count + n, i + 1
                     history.steps += 1
                     bar.update(epoch, epochs, i, per_epoch, loss_sum / count)
-                loss_sum, count_f = all_reduce_sum([loss_sum, float(count)], dev if dev.type == "cuda" else None)
+                count_f = float(count)
+                if world_size > 1:  # only a DDP run reduces: distributed=False never touches the group
+                    loss_sum, count_f = all_reduce_sum([loss_sum, count_f], dev if dev.type == "cuda" else None)
                 history.samples += int(count_f)
                 history.losses.append(loss_sum / max(count_f, 1.0))
                 bar.update(epoch, epochs, i, per_epoch, history.losses[-1], final=True)
-                if max_steps is not None and history.steps >= max_steps:
-                    break
                 if callback is not None and callback(epoch, history):
+                    break
+                if max_steps is not None and history.steps >= max_steps:
                     break
         finally:
             if teacher is not None:
