@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -20,6 +21,34 @@ QUIET = TuckerConfig(progress=False, tuning_cache=False)
 def net() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1)).eval()
+
+
+class TwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.conv(a) + b
+
+
+@pytest.fixture(scope="module")
+def plan_dict():
+    return tucker_fx.compress(net(), X, config=QUIET.replace(rank=0.5)).plan.to_dict()
+
+
+def verb(fn: str, plan_dict: dict) -> Callable[..., Any]:
+    """``fn`` as ``call(model, *inputs, config=...)``: the verbs that a catalogue row names."""
+    return {
+        "analyze": lambda m, *x, config=QUIET: tucker_fx.analyze(m, *x),
+        "compress": lambda m, *x, config=QUIET: tucker_fx.compress(m, *x, config=config),
+        "apply_plan": lambda m, *x, config=QUIET: tucker_fx.apply_plan(m, Plan.from_dict(plan_dict), *x, config=config),
+        "lower": lambda m, *x, config=QUIET: tucker_fx.lower(m, *x, tune=False, tuning_cache=False),
+        "validate": lambda m, *x, config=QUIET: tucker_fx.validate(m, net(), *x),
+    }[fn]
+
+
+ALL = ["analyze", "compress", "apply_plan", "lower", "validate"]
 
 
 class Untraceable(nn.Module):
@@ -51,32 +80,37 @@ def test_not_a_module(fn, bad):
 
 @pytest.mark.parametrize("fn", [tucker_fx.analyze, tucker_fx.compress])
 def test_untraceable_model(fn):
-    with pytest.raises(tucker_fx.UntraceableModelError, match=r"(?s)could not trace Untraceable.*x.sum\(\) > 0"
-                                                               r".*concrete_args.*leaf_modules.*backend='tucker'"):
+    with pytest.raises(tucker_fx.UntraceableModelError, match=r"(?s)could not trace Untraceable.*"
+                                                               r"at \S*test_bad_inputs.py:\d+ in forward: "
+                                                               r"if x.sum\(\) > 0.*concrete_args.*leaf_modules"
+                                                               r".*backend='tucker'"):
         fn(Untraceable(), X)
 
 
-def test_model_that_cannot_be_copied():
+@pytest.mark.parametrize("fn", ["compress", "apply_plan", "lower", "validate"])
+def test_model_that_cannot_be_copied(fn, plan_dict):
     model = net()
     model.lock = threading.Lock()
     with pytest.raises(TypeError, match="could not deep-copy Sequential.*expected a model that copy.deepcopy can copy"):
-        tucker_fx.compress(model, X)
+        verb(fn, plan_dict)(model, X)
 
 
-def test_weights_on_the_meta_device():
+@pytest.mark.parametrize("fn", ["compress", "apply_plan"])
+def test_weights_on_the_meta_device(fn, plan_dict):
     with pytest.raises(tucker_fx.DecompositionError, match="'0'.*meta device.*expected real weights"):
-        tucker_fx.compress(net().to("meta"), X.to("meta"), config=QUIET.replace(validate=False))
+        verb(fn, plan_dict)(net().to("meta"), X.to("meta"), config=QUIET.replace(validate=False))
     assert tucker_fx.analyze(net().to("meta"), X.to("meta")).total_params == 3 * 16 * 9 + 16 + 16 * 16 * 9 + 16
 
 
+@pytest.mark.parametrize("fn", ["compress", "apply_plan"])
 @pytest.mark.parametrize("where", ["0", "2"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
-def test_nan_or_inf_weights(where, value):
+def test_nan_or_inf_weights(where, value, fn, plan_dict):
     model = net()
     with torch.no_grad():
         model.get_submodule(where).weight[0, 0, 0, 0] = value
     with pytest.raises(tucker_fx.DecompositionError, match=rf"layer '{where}'.*1 NaN/Inf weight.*expected finite"):
-        tucker_fx.compress(model, X, config=QUIET)
+        verb(fn, plan_dict)(model, X)
     assert tucker_fx.analyze(model, X).total_flops > 0  # counting does not read values
     excluded = tucker_fx.compress(model, X, config=QUIET.replace(exclude=(where,), validate=False))
     assert excluded.plan[where].reason == f"excluded by pattern {where!r}"  # not decomposed: not read
@@ -84,15 +118,19 @@ def test_nan_or_inf_weights(where, value):
 
 # --- the example inputs -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("fn", [tucker_fx.analyze, tucker_fx.compress, tucker_fx.lower])
-def test_no_example_inputs(fn):
-    with pytest.raises(ValueError, match=r"needs example inputs, e.g."):
-        fn(net())
+@pytest.mark.parametrize("fn", ["analyze", "compress", "apply_plan", "lower"])
+def test_no_example_inputs(fn, plan_dict):
+    with pytest.raises(ValueError, match=rf"{fn} needs example inputs, e.g. {fn}\(model, torch\."):
+        verb(fn, plan_dict)(net())
 
 
-def test_wrong_number_of_inputs():
+@pytest.mark.parametrize("fn", ALL)
+def test_wrong_number_of_inputs(fn, plan_dict):
+    call = verb(fn, plan_dict)
     with pytest.raises(tucker_fx.ShapePropagationError, match=r"takes 1 input\(s\) \(input_1\), got 2 example input"):
-        tucker_fx.compress(net(), X, X)
+        call(net(), X, X)
+    with pytest.raises(tucker_fx.ShapePropagationError, match=r"takes 2 input\(s\) \(a, b\), got 1 example input"):
+        call(TwoInputs(), X)
 
 
 @pytest.mark.parametrize("x,match", [
@@ -101,33 +139,48 @@ def test_wrong_number_of_inputs():
     (torch.randn(2, 3, 8, 8, dtype=torch.float64), r"node '_0'.*(type|dtype)"),
     (torch.randn(2, 3, 1, 1).expand(2, 3, 1, 1)[..., :0], r"node '_0'"),
 ])
-def test_inputs_that_do_not_fit(x, match):
+@pytest.mark.parametrize("fn", ALL)
+def test_inputs_that_do_not_fit(x, match, fn, plan_dict):
     with pytest.raises(tucker_fx.ShapePropagationError, match="(?s)shape propagation failed at " + match) as info:
-        tucker_fx.compress(net(), x, config=QUIET)
+        verb(fn, plan_dict)(net(), x)
     assert "While executing" not in str(info.value)  # one clear message, not torch's appendix
 
 
-def test_input_that_is_not_a_tensor():
+@pytest.mark.parametrize("fn", ALL)
+def test_input_that_is_not_a_tensor(fn, plan_dict):
     with pytest.raises(tucker_fx.ShapePropagationError, match=r"node '_0'.*TypeError"):
-        tucker_fx.analyze(net(), X.numpy())
+        verb(fn, plan_dict)(net(), X.numpy())
 
 
-@pytest.mark.parametrize("value,match", [(float("nan"), "1 NaN/Inf value"), (float("inf"), "1 NaN/Inf value")])
-def test_non_finite_inputs_to_validate_on(value, match):
+def test_validate_keeps_a_failure_of_the_model_itself():
+    """Inputs that fit but a model that fails on their values: torch's own error, not a shape error."""
+    class Fails(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.linalg.cholesky(x)  # not positive definite: fails at run time only
+
+    with pytest.raises(RuntimeError) as info:
+        tucker_fx.validate(Fails(), Fails(), -torch.eye(3))
+    assert not isinstance(info.value, tucker_fx.ShapePropagationError)
+
+
+@pytest.mark.parametrize("fn", ["compress", "apply_plan", "validate"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_inputs_to_validate_on(value, fn, plan_dict):
     x = X.clone()
     x[0, 0, 0, 0] = value
-    with pytest.raises(ValueError, match=rf"compress: example input 0 has {match}.*expected finite"):
-        tucker_fx.compress(net(), x, config=QUIET)
-    with pytest.raises(ValueError, match=rf"validate: example input 0 has {match}"):
-        tucker_fx.validate(net(), net(), x)
-    assert tucker_fx.compress(net(), x, config=QUIET.replace(validate=False)).validation is None
+    with pytest.raises(ValueError, match=rf"{fn}: example input 0 has 1 NaN/Inf value\(s\); expected finite inputs"):
+        verb(fn, plan_dict)(net(), x)
+    if fn != "validate":
+        assert verb(fn, plan_dict)(net(), x, config=QUIET.replace(validate=False)).validation is None
 
 
-def test_meta_inputs_need_validate_false():
-    with pytest.raises(ValueError, match=r"example input 0 is a meta tensor.*validate=False"):
-        tucker_fx.compress(net(), X.to("meta"), config=QUIET)
-    result = tucker_fx.compress(net(), X.to("meta"), config=QUIET.replace(validate=False, rank=0.5))
-    assert result.plan.applied and result.validation is None
+@pytest.mark.parametrize("fn", ["compress", "apply_plan", "validate"])
+def test_meta_inputs_need_validate_false(fn, plan_dict):
+    with pytest.raises(ValueError, match=rf"{fn}: example input 0 is a meta tensor.*validate=False"):
+        verb(fn, plan_dict)(net(), X.to("meta"))
+    if fn != "validate":
+        result = verb(fn, plan_dict)(net(), X.to("meta"), config=QUIET.replace(validate=False, rank=0.5))
+        assert result.plan.applied and result.validation is None
 
 
 # --- the config ---------------------------------------------------------------------------------------
@@ -139,6 +192,7 @@ def test_meta_inputs_need_validate_false():
     ("layer_filter", "0"), ("hooi_iters", -1), ("hooi_iters", True), ("lowering", "fft"), ("tuning_repeats", 0),
     ("tuning_cache", 3), ("lowering_tolerance", 0), ("lowering_tolerance", float("nan")),
     ("lowering_tolerance", True), ("validate", "yes"), ("merge", 1), ("progress", "loud"),
+    ("keep_original_if_faster", "yes"), ("keep_original_if_faster", 1), ("keep_original_if_faster", None),
 ])
 def test_invalid_config_values(field, value):
     with pytest.raises(ValueError, match=rf"TuckerConfig\.{field}.*expected"):
@@ -215,11 +269,6 @@ def test_model_with_no_eligible_layer_is_returned_unchanged():
 
 
 # --- plan files and plans -------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def plan_dict():
-    return tucker_fx.compress(net(), X, config=QUIET.replace(rank=0.5)).plan.to_dict()
-
 
 def _entry_edit(data, **changes):
     data = json.loads(json.dumps(data))

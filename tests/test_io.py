@@ -172,7 +172,7 @@ def _cases():
                               "cannot read the weights"),
         "not a save file": (lambda p: (p / MANIFEST_NAME).write_text('{"layers": []}'), "not a tucker_fx save file"),
         "other format version": (lambda p: _edit_manifest(p, lambda d: d.update(format_version=99)),
-                                 "format version 99 is not supported; expected 1"),
+                                 r"format version 99 is not supported; expected one of \[1, 2\]"),
         "other plan version": (lambda p: _edit_manifest(p, lambda d: d["plan"].update(version=7)),
                                "plan version 7 is not supported"),
         "tensor missing": (lambda p: _edit_weights(p, lambda s: s.pop(_first_weight(p))),
@@ -183,8 +183,57 @@ def _cases():
                               r"has shape \(2, 2\) in weights.pt"),
         "tensor changed": (lambda p: _edit_weights(p, lambda s: s[_first_weight(p)].mul_(2)), "SHA-256 differs"),
         "pickled code": (lambda p: torch.save({"w": Path("x")}, p / WEIGHTS_NAME), "cannot read the weights"),
-        "structure differs": (lambda p: _edit_manifest(p, lambda d: d["config"].update(merge=False)),
-                              "re-applying the plan did not rebuild the saved structure"),
+        "structure differs": (lambda p: _edit_manifest(p, lambda d: d["config"].update(fold_bn=False)),
+                              r"re-applying the plan did not rebuild the saved structure \(.*'bn1.weight'.*\)"
+                              r"\. Possible causes: .*tucker_fx.json was edited"),
+        **{f"manifest: {k}": (lambda p, edit=edit: _edit_manifest(p, edit), match)
+           for k, (edit, match) in _manifest_damage().items()},
+    }
+
+
+def _manifest_damage():
+    """Hand edits of tucker_fx.json: each is a ValueError naming the field, never a bare TypeError/KeyError."""
+    def first(d: dict) -> str:
+        return next(iter(d["weights"]["tensors"]))
+
+    return {
+        "not an object": (lambda d: (d.clear(), d.update(format="tucker_fx.compressed", format_version=2)),
+                          r"the manifest: lacks the field\(s\) \['config', 'source', 'plan', 'weights', 'structure'\]"),
+        "format_version a string": (lambda d: d.update(format_version="2"), "format version '2' is not supported"),
+        "source missing": (lambda d: d.pop("source"), r"the manifest: lacks the field\(s\) \['source'\]"),
+        "config.merge a string": (lambda d: d["config"].update(merge="yes"),
+                                  "config.merge: expected true or false, got str"),
+        "config.lowering missing": (lambda d: d["config"].pop("lowering"),
+                                    r"config: lacks the field\(s\) \['lowering'\]"),
+        "tensor entry not an object": (lambda d: d["weights"]["tensors"].update({first(d): 1}),
+                                       r"weights.tensors\['.*'\]: expected an object, got int"),
+        "tensor entry without shape": (lambda d: d["weights"]["tensors"][first(d)].pop("shape"),
+                                       r"weights.tensors\['.*'\]: lacks the field\(s\) \['shape'\]"),
+        "shape of strings": (lambda d: d["weights"]["tensors"][first(d)].update(shape=["2"]),
+                             r"weights.tensors\['.*'\].shape: expected a list of sizes"),
+        "requires_grad a number": (lambda d: d["weights"]["tensors"][first(d)].update(requires_grad=1),
+                                   r"requires_grad: expected true or false, got int"),
+        "weights.file with ..": (lambda d: d["weights"].update(file="../weights.pt"),
+                                 r"weights.file: expected a file name in the save directory.*'\.\./weights.pt'"),
+        "weights.file absolute": (lambda d: d["weights"].update(file="/etc/passwd"),
+                                  "weights.file: expected a file name"),
+        "weights.sha256 a number": (lambda d: d["weights"].update(sha256=5), "weights.sha256: expected 64 hexadecimal"),
+        "source.training a list": (lambda d: d["source"].update(training=[1]),
+                                   "source.training: expected an object, got list"),
+        "source.training flag a string": (lambda d: d["source"]["training"].update({"": "no"}),
+                                          r"source.training\[''\]: expected true or false"),
+        "source.inputs entry a number": (lambda d: d["source"].update(inputs=[1]),
+                                         r"source.inputs\[0\]: expected an object, got int"),
+        "source.tensors a list": (lambda d: d["source"].update(tensors=[1]), "source.tensors: expected an object"),
+        "structure missing": (lambda d: d.pop("structure"), r"lacks the field\(s\) \['structure'\]"),
+        "structure.nodes not strings": (lambda d: d["structure"].update(nodes=[1]), "structure.nodes: expected a list"),
+        "plan not an object": (lambda d: d.update(plan=[]), "plan: expected an object, got list"),
+        "plan entry name a list": (lambda d: d["plan"]["layers"][0].update(name=["x"]),
+                                   r"plan.layers\[0\] \(\['x'\]\).name: expected str, got list"),
+        "plan entry lowering a number": (lambda d: d["plan"]["layers"][0].update(lowering=3),
+                                         r"plan.layers\[0\] \('stem'\).lowering: expected Optional\[str\], got int"),
+        "plan entry without kind": (lambda d: d["plan"]["layers"][0].pop("kind"),
+                                    r"the entry 'plan': plan entry 'stem' lacks the field\(s\) \['kind'\]"),
     }
 
 
@@ -212,6 +261,73 @@ def test_other_architecture_is_named(saved):
         tucker_fx.load(path, wider, x)
     with pytest.raises(ValueError, match="dtype float64 in this model, float32 in the saved model"):
         tucker_fx.load(path, _fresh("residual3d").double(), x.double())
+
+
+def _small(activation: type = nn.ReLU, padding: int = 0) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(4, 8, 3), activation(), nn.Conv2d(8, 8, 3, padding=padding)).eval()
+
+
+@pytest.fixture(scope="module")
+def small_saved(tmp_path_factory):
+    x = torch.randn(1, 4, 10, 10)
+    result = tucker_fx.compress(_small(), x, config=TuckerConfig(rank=0.5, progress=False, tuning_cache=False))
+    return x, result, tucker_fx.save(result, tmp_path_factory.mktemp("io") / "small")
+
+
+@pytest.mark.parametrize("other,match", [
+    (lambda: _small(activation=nn.Tanh), r"node 3 is `call_module 1 Tanh\(\)\(%2\)` here, "
+                                         r"`call_module 1 ReLU\(\)\(%2\)` in the saved model"),
+    (lambda: _small(padding=1), r"node 5 is `call_module 2.core Conv2d\(.*padding=\(1, 1\).*` here, "
+                                r"`call_module 2.core Conv2d\(.*padding=\(0, 0\).*` in the saved model"),
+])
+def test_same_tensors_in_another_graph_is_another_architecture(small_saved, other, match):
+    """Same tensor names and shapes, another activation or geometry: the rebuilt graph tells."""
+    x, _, path = small_saved
+    model = other()
+    before = _state(model)
+    with pytest.raises(ValueError, match=r"did not rebuild the saved structure \(" + match +
+                       r".*this model \(Sequential\) is not the architecture that was compressed"):
+        tucker_fx.load(path, model, x)
+    assert _unchanged(model, before)
+
+
+def test_format_1_files_still_load(small_saved, tmp_path):
+    """Files written before the graph's structure was recorded load without that check."""
+    x, result, path = small_saved
+    target = _copy(path, tmp_path)
+    _edit_manifest(target, lambda d: (d.update(format_version=1), d.pop("structure")))
+    with torch.no_grad():
+        assert torch.equal(tucker_fx.load(target, _small(), x).module(x), result.module(x))
+
+
+@pytest.mark.parametrize("fresh", ["nan", "inf", "meta", "uninitialised"])
+def test_the_fresh_model_weights_are_never_read(small_saved, fresh):
+    """The plan is re-applied without reading the fresh model's values: NaN, meta or torch.empty are fine."""
+    x, result, path = small_saved
+    if fresh == "meta":
+        with torch.device("meta"):
+            model = _small()
+    else:
+        model = _small()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.fill_(float(fresh)) if fresh in ("nan", "inf") else p.set_(torch.empty_like(p))
+    before = {k: (v.shape, v.device) for k, v in model.state_dict().items()}
+    loaded = tucker_fx.load(path, model, x)
+    with torch.no_grad():
+        assert torch.equal(loaded.module(x), result.module(x))
+    assert {k: (v.shape, v.device) for k, v in model.state_dict().items()} == before  # the meta model stays meta
+    assert all(p.device.type == "cpu" for p in loaded.module.parameters())
+
+
+def test_meta_buffers_that_are_not_saved_are_refused(small_saved):
+    x, _, path = small_saved
+    with torch.device("meta"):
+        model = _small()
+    model.register_buffer("table", torch.empty(3, device="meta"), persistent=False)
+    with pytest.raises(ValueError, match="buffer 'table' is on the meta device and is not saved"):
+        tucker_fx.load(path, model, x)
 
 
 def test_wrong_number_of_inputs(saved):

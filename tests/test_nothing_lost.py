@@ -207,6 +207,8 @@ def _failing() -> dict[str, tuple[Callable[[nn.Module], Any], type, str]]:
                                   "do not exist"),
         "validate against another model": (lambda m: tucker_fx.validate(m, other_model, X), ValueError,
                                            "outputs differ in structure"),
+        "validate, wrong input shape": (lambda m: tucker_fx.validate(m, other_model, wrong_x),
+                                        tucker_fx.ShapePropagationError, "original model does not take"),
         "analyze, wrong input count": (lambda m: tucker_fx.analyze(m, X, X), tucker_fx.ShapePropagationError,
                                        "takes 1 input"),
     }
@@ -214,7 +216,7 @@ def _failing() -> dict[str, tuple[Callable[[nn.Module], Any], type, str]]:
 
 @pytest.mark.parametrize("case", ["NaN weights", "bad override name", "override above full rank",
                                   "wrong input shape", "plan of another model", "validate against another model",
-                                  "analyze, wrong input count"])
+                                  "validate, wrong input shape", "analyze, wrong input count"])
 def test_failure_leaves_model_and_globals_unchanged(case):
     model, _ = _nan_model() if case == "NaN weights" else make_model()
     tucker_fx.analyze(model, X)

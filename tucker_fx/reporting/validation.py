@@ -20,6 +20,8 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten
 
+from tucker_fx.errors import ShapePropagationError, UntraceableModelError
+
 __all__ = ["ValidationReport", "validate", "capture_activations", "check_runnable_inputs"]
 
 
@@ -128,6 +130,10 @@ def validate(original: nn.Module, compressed: nn.Module, *inputs: Any,
     Per-layer errors need the plan that ``tucker_fx.compress`` stores in
     ``compressed.meta["tucker_fx.plan"]`` and a traced reference graph (built here from
     ``original`` when not given). ``original`` is never modified: it runs as a copy.
+
+    Raises ``ShapePropagationError`` (naming the node) when the inputs do not fit one of the
+    models (too many or too few, another shape, rank or dtype), ``ValueError`` when the two
+    models' outputs differ in structure or an input is NaN/Inf or on the meta device.
     """
     if not isinstance(original, nn.Module) or not isinstance(compressed, nn.Module):
         raise TypeError(
@@ -138,7 +144,8 @@ def validate(original: nn.Module, compressed: nn.Module, *inputs: Any,
 
     reference = copy_model(original)
     with _EvalCopies(reference, compressed), torch.no_grad():
-        ys, yhats = _flat_tensors(reference(*inputs)), _flat_tensors(compressed(*inputs))
+        ys = _flat_tensors(_run("original", reference, inputs))
+        yhats = _flat_tensors(_run("compressed", compressed, inputs))
         if len(ys) != len(yhats) or any(a.shape != b.shape for a, b in zip(ys, yhats)):
             raise ValueError(
                 f"the models' outputs differ in structure: {[tuple(a.shape) for a in ys]} vs "
@@ -154,6 +161,36 @@ def validate(original: nn.Module, compressed: nn.Module, *inputs: Any,
             top1 = (ys[0].argmax(1) == yhats[0].argmax(1)).double().mean().item()
         layer_errors = _layer_errors(reference, compressed, inputs, reference_graph)
     return ValidationReport(rel, (y - yhat).abs().max().item() if y.numel() else 0.0, sqnr, top1, layer_errors)
+
+
+def _run(label: str, model: nn.Module, inputs: tuple) -> Any:
+    """``model(*inputs)``; inputs that do not fit it get a :class:`ShapePropagationError`
+    naming the node, as in ``compress`` (found by propagating the shapes through a trace)."""
+    try:
+        return model(*inputs)
+    except Exception as exc:
+        problem = _why_inputs_do_not_fit(model, inputs)
+        if problem is None:
+            raise  # the inputs fit: a failure of the model itself, as torch reported it
+        raise ShapePropagationError(f"validate: the {label} model does not take these example inputs: "
+                                    f"{problem}") from exc
+
+
+def _why_inputs_do_not_fit(model: nn.Module, inputs: tuple) -> Optional[str]:
+    """The shape propagation error of ``inputs`` on ``model``; ``None`` if they fit, or if
+    ``model`` cannot be traced (then torch's own error stands)."""
+    from tucker_fx.analysis.capture import capture
+    from tucker_fx.analysis.shapes import propagate_shapes
+
+    try:
+        gm = capture(model)
+    except UntraceableModelError:
+        return None
+    try:
+        propagate_shapes(gm, inputs)
+    except ShapePropagationError as exc:
+        return str(exc)
+    return None
 
 
 def _layer_errors(reference: nn.Module, compressed: nn.Module, inputs: tuple,
