@@ -10,21 +10,29 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import Any
 
 import torch
 import torch._dynamo
 
+from tucker_fx.config import TuckerConfig
 from tucker_fx.models import get_model
 from tucker_fx.reporting.bench import bench_config
 from tucker_fx.reporting.timing import compare_ms
+
+
+def options_of(cfg: TuckerConfig) -> dict[str, Any]:
+    """Every field of ``cfg`` (``layer_filter`` and ``exclude`` included) as ``torch.compile`` options."""
+    fields = {name: getattr(cfg, name) for name in TuckerConfig.field_names()}
+    fields["ranks"] = dict(cfg.ranks)
+    return fields
 
 
 def measure(name: str, repeats: int) -> dict:
     model, shape = get_model(name)
     x = torch.randn(shape)
     cfg = bench_config(name)
-    fields = {k: v for k, v in vars(cfg).items() if k not in ("ranks", "layer_filter")}
-    fields["ranks"] = dict(cfg.ranks)
+    fields = options_of(cfg)
     variants = {
         "eager": lambda: model,
         "inductor": lambda: torch.compile(model),

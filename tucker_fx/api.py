@@ -82,12 +82,86 @@ class CompressionResult:
 
 
 def _check_inputs(fn: str, model: Any, example_inputs: tuple) -> None:
-    if isinstance(model, torch.export.ExportedProgram):
-        return
     if not isinstance(model, nn.Module):
-        raise TypeError(f"{fn} expects a torch.nn.Module or fx.GraphModule, got {type(model).__name__}")
+        raise TypeError(f"{fn} expects a torch.nn.Module, fx.GraphModule or torch.export.ExportedProgram, "
+                        f"got {type(model).__name__}")
     if not example_inputs:
         raise ValueError(f"{fn} needs example inputs, e.g. {fn}(model, torch.randn(1, 3, 16, 112, 112))")
+
+
+def _unpack_exported(fn: str, ep: "torch.export.ExportedProgram", example_inputs: tuple) -> tuple[nn.Module, tuple]:
+    """``ep.module()`` and the example inputs: those given, else the ones ``ep`` was exported with."""
+    if example_inputs:
+        return ep.module(), tuple(example_inputs)
+    stored = getattr(ep, "example_inputs", None)
+    if stored is None:
+        raise ValueError(f"{fn}: this ExportedProgram carries no example inputs; expected them as arguments, "
+                         f"e.g. {fn}(ep, torch.randn(1, 3, 16, 112, 112))")
+    args, kwargs = stored
+    if kwargs:
+        raise ValueError(f"{fn}: the ExportedProgram was exported with keyword inputs {sorted(kwargs)}; expected "
+                         f"positional example inputs: pass them, e.g. {fn}(ep, x)")
+    return ep.module(), tuple(args)
+
+
+def _exported_dynamic_shapes(ep: "torch.export.ExportedProgram") -> Optional[Any]:
+    """``ep``'s dynamic dimensions as a ``dynamic_shapes`` spec for its inputs, or None if all are static.
+
+    A dimension that is a plain symbol becomes a ``Dim`` with the program's range (one ``Dim`` per
+    symbol, so equal sizes stay equal), a linear one (``2*s0 + 1``) the same expression of that
+    ``Dim``, any other ``Dim.AUTO``."""
+    import sympy
+    from torch.export import Dim
+    from torch.utils._pytree import tree_unflatten
+    from torch.utils._sympy.numbers import IntInfinity, NegativeIntInfinity
+
+    def finite(bound: Any) -> Optional[int]:
+        return None if isinstance(bound, (IntInfinity, NegativeIntInfinity)) or not bound.is_finite else int(bound)
+
+    dims: dict[Any, Any] = {}
+
+    def dim_of(expr: Any) -> Any:
+        """The ``Dim`` of a symbol, ``a * Dim + c`` of a linear expression in one, else ``Dim.AUTO``."""
+        if len(expr.free_symbols) != 1:
+            return Dim.AUTO
+        (sym,) = expr.free_symbols
+        if sym not in dims:
+            vr = ep.range_constraints.get(sym)
+            low, high = (None, None) if vr is None else (finite(vr.lower), finite(vr.upper))
+            dims[sym] = Dim(str(sym), min=low, max=high)
+        poly = sympy.Poly(expr, sym)
+        if poly.degree() != 1 or not all(c.is_Integer for c in poly.all_coeffs()):
+            return Dim.AUTO
+        a, c = (int(v) for v in poly.all_coeffs())
+        return dims[sym] if (a, c) == (1, 0) else a * dims[sym] + c
+
+    values = {n.name: n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder"}
+    leaves: list[Any] = []
+    for name in ep.graph_signature.user_inputs:
+        val = values.get(name)
+        shape = val.shape if isinstance(val, torch.Tensor) else ()
+        spec = {i: dim_of(size.node.expr) for i, size in enumerate(shape) if isinstance(size, torch.SymInt)}
+        leaves.append(spec or None)
+    if not any(leaves):
+        return None
+    args, kwargs = tree_unflatten(leaves, ep.call_spec.in_spec)
+    return tuple(args) if not kwargs else None
+
+
+def _reexport(result: "CompressionResult", ep: "torch.export.ExportedProgram", example_inputs: tuple) -> None:
+    """``result.exported``: the compressed module exported again, with ``ep``'s dynamic dimensions."""
+    dynamic = _exported_dynamic_shapes(ep)
+    try:
+        result.exported = torch.export.export(result.module, example_inputs, dynamic_shapes=dynamic)
+    except Exception as exc:
+        if dynamic is None:
+            raise
+        raise ValueError(
+            f"the compressed model does not re-export with the program's dynamic shapes {dynamic}: "
+            f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}; "
+            "expected a compressed graph without these sizes baked in; export result.module yourself, with "
+            "the dynamic_shapes it allows or with static shapes"
+        ) from exc
 
 
 def model_signature(model: nn.Module, example_inputs: tuple) -> dict[str, Any]:
@@ -205,7 +279,8 @@ def compress(model: nn.Module, *example_inputs: Any, config: Optional[TuckerConf
     """Tucker-decompose the conv/linear layers of ``model``; the model itself is not changed.
 
     ``model`` is an ``nn.Module``, an ``fx.GraphModule`` or a ``torch.export.ExportedProgram``
-    (then ``result.exported`` is the compressed program, ready for ``torch.export.save``).
+    (then the example inputs may be left out for ``ep.example_inputs``, and ``result.exported`` is
+    the compressed program, re-exported with the program's dynamic dimensions).
 
     Example:
         >>> import torch, torch.nn as nn, tucker_fx
@@ -214,16 +289,17 @@ def compress(model: nn.Module, *example_inputs: Any, config: Optional[TuckerConf
         >>> r.plan["2"].kind, r.plan["2"].ranks
         ('tucker2', (8, 8))
     """
+    if isinstance(model, torch.export.ExportedProgram):
+        module, inputs = _unpack_exported("compress", model, example_inputs)
+        result = compress(module, *inputs, config=config)
+        _reexport(result, model, inputs)
+        return result
     _check_inputs("compress", model, example_inputs)
     config = config if config is not None else TuckerConfig()
     if not isinstance(config, TuckerConfig):
         raise TypeError(f"config must be a TuckerConfig, got {type(config).__name__}")
     if config.validate:
         check_runnable_inputs("compress", example_inputs)
-    if isinstance(model, torch.export.ExportedProgram):
-        result = compress(model.module(), *example_inputs, config=config)
-        result.exported = torch.export.export(result.module, tuple(example_inputs))
-        return result
     progress = Progress(config.progress)
     gm, before = _analysed_copy(model, example_inputs)
     gm, reference = _prepare(gm, example_inputs, config)
@@ -240,6 +316,11 @@ def apply_plan(model: nn.Module, plan: Plan, *example_inputs: Any,
 
     The plan's kinds and ranks are used as they are; its cost columns are recomputed.
     """
+    if isinstance(model, torch.export.ExportedProgram):
+        module, inputs = _unpack_exported("apply_plan", model, example_inputs)
+        result = apply_plan(module, plan, *inputs, config=config)
+        _reexport(result, model, inputs)
+        return result
     _check_inputs("apply_plan", model, example_inputs)
     if not isinstance(plan, Plan):
         raise TypeError(f"apply_plan expects a tucker_fx.Plan, got {type(plan).__name__}")
@@ -309,6 +390,8 @@ def lower(model: nn.Module, *example_inputs: Any, tune: bool = True,
         >>> sorted(gm.meta["tucker_fx.lowering"]["0"])
         ['lowering', 'source', 'timings_ms']
     """
+    if isinstance(model, torch.export.ExportedProgram):
+        model, example_inputs = _unpack_exported("lower", model, example_inputs)
     _check_inputs("lower", model, example_inputs)
     config = TuckerConfig(tune=tune, tuning_cache=tuning_cache, fold_bn=fold_bn, merge=merge, validate=False)
     gm, _ = _analysed_copy(model, example_inputs)

@@ -2,11 +2,15 @@
 
 Dynamo inlines modules: a conv arrives as ``torch.conv3d(x, w, b, ...)`` with ``w`` a
 placeholder whose real value is in ``example_inputs``. The backend lifts every placeholder that
-Dynamo bound to a module's parameter or buffer into an attribute of a fresh GraphModule, named
-by its qualified path (``layer1.0.conv1.weight``). The graph then looks like any traced graph
-with functional convs on ``get_attr`` weights, and the same analysis, planning, rewrite and
-lowering passes run on it; per-layer overrides use the same qualified names (``layer1.0.conv1``).
-The result goes to ``inner``: inductor (default), ``"eager"`` or ``"aot_eager"``.
+Dynamo bound to a module's parameter or buffer (from the compiled module or through a global)
+into an attribute of a fresh GraphModule, named by its qualified path (``layer1.0.conv1.weight``),
+and so too plain tensor attributes that a layer uses as its weight. The graph then looks like any
+traced graph with functional convs on ``get_attr`` weights; layers are found by
+:func:`tucker_fx.analysis.sites.site_of`, and the same analysis, planning, rewrite and lowering
+passes run on it; per-layer overrides use the same qualified names (``layer1.0.conv1``). A layer
+whose weight is computed in ``forward`` or is a real input stays as it is, with the reason in the
+plan. Dynamic sizes (``SymInt`` inputs) are compressed and validated at their hint and stay
+inputs. The result goes to ``inner``: inductor (default), ``"eager"`` or ``"aot_eager"``.
 
 Weights are read and decomposed at compile time; Dynamo does not guard on their values, so
 later changes to the model's weights are not seen, and training through this backend is not
@@ -34,70 +38,146 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from tucker_fx.analysis.shapes import propagate_shapes
+from tucker_fx.analysis.sites import Site, site_of
 from tucker_fx.config import TuckerConfig
+from tucker_fx.errors import ShapePropagationError
 
-__all__ = ["tucker_backend", "BACKEND_OPTIONS", "lift_parameters"]
+__all__ = ["tucker_backend", "BACKEND_OPTIONS", "lift_parameters", "concrete_inputs"]
 
 BACKEND_OPTIONS = ("inner", "on_report")
 _INNERS = ("inductor", "eager", "aot_eager")
-_SOURCE_PART = re.compile(r"\._(?:modules|parameters|buffers)\['([^']+)'\]|\.([A-Za-z_][A-Za-z0-9_]*)|\[(\d+)\]")
+_ROOT = re.compile(r"^(L|G)\['([^']+)'\]")
+_STATE_PART = re.compile(r"\._(?:parameters|buffers)\['([^']+)'\]")
+_MODULE_PART = re.compile(r"\._modules\['([^']+)'\]")
+_ATTR_PART = re.compile(r"\.([A-Za-z_][A-Za-z0-9_]*)")
+_ITEM_PART = re.compile(r"\[(\d+)\]|\['([^']+)'\]")
 
 
-_ROOT = re.compile(r"^L\['[^']+'\]")
+def _parse_source(source_name: str) -> Optional[tuple[str, bool]]:
+    """``(qualified name, is_state)`` for a source that is a global or an attribute path from a
+    local (``L['self']._modules['stem']._parameters['weight']`` -> ``("stem.weight", True)``,
+    ``L['self'].w`` -> ``("w", False)``), else ``None``: an input (``L['x']``), or an item of one
+    (``L['xs'][0]``) unless it leads to a parameter or buffer. A local root is dropped (it is the
+    compiled module or function); a global root is the first name part (``G['model']...`` ->
+    ``model.stem.weight``, ``G['nets']['unet'].w`` -> ``nets.unet.w``)."""
+    root = _ROOT.match(source_name)
+    if root is None:
+        return None
+    parts = [root.group(2)] if root.group(1) == "G" else []
+    pos, rest, state, indexed = 0, source_name[root.end():], False, False
+    while pos < len(rest):
+        for pattern in (_STATE_PART, _MODULE_PART, _ATTR_PART, _ITEM_PART):
+            m = pattern.match(rest, pos)
+            if m is not None:
+                state |= pattern is _STATE_PART
+                indexed |= pattern is _ITEM_PART
+                parts.append(next(g for g in m.groups() if g is not None))
+                pos = m.end()
+                break
+        else:
+            return None
+    if root.group(1) == "L" and (not rest or (indexed and not state)):  # an input, or an item of one
+        return None
+    return ".".join(parts), state
 
 
 def _qualified_name(source_name: str) -> Optional[str]:
-    """``L['self']._modules['stem']._parameters['weight']`` -> ``stem.weight`` (the root may be
-    ``L['self']`` or ``L['fn']``, as Dynamo names it); ``None`` for a plain input like ``L['x']``."""
-    root = _ROOT.match(source_name)
-    rest = source_name[root.end():] if root else ""
-    if not root or ("._parameters[" not in rest and "._buffers[" not in rest):
-        return None
-    parts = [next(g for g in m.groups() if g is not None) for m in _SOURCE_PART.finditer(rest)]
-    return ".".join(parts) or None
+    """The qualified name of a parameter or buffer source
+    (``L['self']._modules['stem']._parameters['weight']`` -> ``stem.weight``), else ``None``."""
+    parsed = _parse_source(source_name)
+    return parsed[0] if parsed is not None and parsed[1] else None
 
 
-def _set_nested(root: nn.Module, name: str, value: torch.Tensor) -> None:
+def concrete_inputs(example_inputs: Sequence[Any]) -> list[Any]:
+    """``example_inputs`` with each ``SymInt``/``SymFloat``/``SymBool`` (what Dynamo passes for a
+    dynamic size) replaced by its hint, the value of the call being compiled."""
+    from torch.fx.experimental.symbolic_shapes import guarding_hint_or_throw
+
+    out: list[Any] = []
+    for i, value in enumerate(example_inputs):
+        if isinstance(value, (torch.SymInt, torch.SymBool)):
+            value = guarding_hint_or_throw(value)
+        elif isinstance(value, torch.SymFloat):
+            hint = value.node.hint
+            if hint is None:
+                raise ValueError(f"example input {i}: expected a SymFloat with a hint, got {value!r} without one")
+            value = float(hint)
+        out.append(value)
+    return out
+
+
+def _source_name(node: fx.Node) -> Optional[str]:
+    source = getattr(node.meta.get("grapharg"), "source", None)
+    name = getattr(source, "name", None)
+    name = name() if callable(name) else name
+    return name if isinstance(name, str) else None
+
+
+def _set_nested(root: nn.Module, name: str, value: torch.Tensor) -> bool:
+    """Register ``value`` at the dotted ``name`` under ``root``; False if the name is taken."""
     *path, leaf = name.split(".")
     owner = root
     for part in path:
         if not hasattr(owner, part):
             owner.add_module(part, nn.Module())
         owner = getattr(owner, part)
+        if not isinstance(owner, nn.Module):
+            return False
+    if hasattr(owner, leaf):
+        return False
     if isinstance(value, nn.Parameter):
         owner.register_parameter(leaf, value)
     else:
         owner.register_buffer(leaf, value)
+    return True
 
 
-def lift_parameters(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[fx.GraphModule, list[int]]:
+def lift_parameters(gm: fx.GraphModule, example_inputs: Sequence[Any],
+                    also: frozenset[int] = frozenset()) -> tuple[fx.GraphModule, list[int]]:
     """A new GraphModule whose module-bound placeholders are attributes; the indices of the
-    placeholders that remain inputs."""
+    placeholders that remain inputs.
+
+    Lifted: every parameter or buffer (``..._parameters[...]``/``..._buffers[...]`` sources,
+    reached from a local or a global), the placeholders of index in ``also`` whose source is a
+    global or an attribute path (plain tensor attributes used as weights), and attributes that
+    Dynamo passes as 0-d tensors under ``dynamic=True`` (a norm's ``eps``, ``momentum``): their
+    ``.item()`` becomes the number, read at compile time like the weights.
+    """
     root = nn.Module()
     graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
+    env: dict[fx.Node, Any] = {}
+    scalars: dict[fx.Node, Any] = {}
     kept: list[int] = []
-    used: set[str] = set()
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for i, node in enumerate(placeholders):
         value = example_inputs[i] if i < len(example_inputs) else None
         grapharg = node.meta.get("grapharg")
-        source = getattr(getattr(grapharg, "source", None), "name", None)
-        source = source() if callable(source) else source
-        name = _qualified_name(source) if isinstance(source, str) else None
-        if isinstance(value, torch.Tensor) and name and name not in used:
-            used.add(name)
-            tensor = value if isinstance(value, nn.Parameter) else value.detach()
-            _set_nested(root, name, tensor)
-            env[node] = graph.get_attr(name)
-        else:
-            env[node] = graph.placeholder(node.target)
-            env[node].meta.update(node.meta)
-            kept.append(i)
+        source = _source_name(node)
+        parsed = _parse_source(source) if source is not None else None
+        if isinstance(value, torch.Tensor) and parsed is not None:
+            name, state = parsed
+            attribute = _ROOT.sub("", source, count=1) != ""  # not a bare global
+            if getattr(grapharg, "pass_arg_as_tensor", False) and value.dim() == 0 and attribute:
+                scalars[node] = value.item()
+            if state or i in also or node in scalars:
+                tensor = value if isinstance(value, nn.Parameter) else value.detach()
+                if _set_nested(root, name, tensor):
+                    env[node] = graph.get_attr(name)
+                    continue
+        scalars.pop(node, None)
+        env[node] = graph.placeholder(node.target)
+        env[node].meta.update(node.meta)
+        kept.append(i)
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             continue
+        if (node.op == "call_method" and node.target == "item" and len(node.args) == 1
+                and node.args[0] in scalars):
+            env[node] = scalars[node.args[0]]
+            continue
         env[node] = graph.node_copy(node, lambda n: env[n])
+    graph.eliminate_dead_code(lambda n: n.op != "get_attr")
     return fx.GraphModule(root, graph, class_name="TuckerDynamoGraph"), kept
 
 
@@ -115,9 +195,45 @@ def _split_options(options: dict[str, Any]) -> tuple[TuckerConfig, str, Optional
     on_report = options.get("on_report")
     if on_report is not None and not callable(on_report):
         raise ValueError(f"backend='tucker' option on_report: expected a callable, got {on_report!r}")
+    if options.get("inductor"):
+        raise ValueError("backend='tucker' option inductor: the compressed graph goes to `inner` "
+                         "(inductor by default); expected inductor=False or no such option, got True")
     fields = {k: v for k, v in options.items() if k not in BACKEND_OPTIONS}
     fields.setdefault("progress", False)
     return TuckerConfig(**fields), inner, on_report
+
+
+def _find_sites(lifted: fx.GraphModule, inputs: Sequence[Any]) -> list[Site]:
+    try:
+        propagate_shapes(lifted, inputs)
+    except ShapePropagationError as exc:
+        numbers = [n.name for n in lifted.graph.nodes
+                   if n.op == "placeholder" and getattr(n.meta.get("grapharg"), "pass_arg_as_tensor", False)]
+        if not numbers:
+            raise
+        raise ValueError(
+            f"backend='tucker' cannot propagate shapes through this graph: {exc}. Expected Python numbers "
+            f"that are module attributes; got number input(s) {numbers} that Dynamo passes as tensors under "
+            "dynamic=True. Compile with dynamic=False (Dynamo then specialises the numbers), or pass them as tensors"
+        ) from exc
+    found = (site_of(n, lifted) for n in lifted.graph.nodes)
+    return [s for s in found if s is not None]
+
+
+def _target_name(node: fx.Node) -> str:
+    target = node.target
+    return target if isinstance(target, str) else getattr(target, "__qualname__", None) or str(target)
+
+
+def _unreadable(site: Site) -> Optional[str]:
+    """Why the backend cannot read this site's weight or bias at compile time, or None if it can."""
+    for role, node in (("weight", site.weight_node), ("bias", site.bias_node)):
+        if site.module_name is None and node is not None and node.op != "get_attr":
+            what = ("a graph input" if node.op == "placeholder"
+                    else f"computed in forward (node {node.name!r}: {_target_name(node)})")
+            return (f"not decomposed: its {role} is {what}, not a parameter, buffer or tensor attribute "
+                    "the backend can read at compile time")
+    return None
 
 
 def tucker_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Callable[..., Any]:
@@ -127,16 +243,28 @@ def tucker_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: 
     options = dict(kwargs.pop("options", None) or {})
     options.update(kwargs)
     config, inner, on_report = _split_options(options)
-    lifted, kept = lift_parameters(gm, example_inputs)
+    concrete = concrete_inputs(example_inputs)
+    lifted, kept = lift_parameters(gm, concrete)
+    sites = _find_sites(lifted, [concrete[i] for i in kept])
+    placeholders = [n for n in lifted.graph.nodes if n.op == "placeholder"]
+    weights = {n for s in sites for n in (s.weight_node, s.bias_node) if n is not None and n.op == "placeholder"}
+    also = frozenset(kept[placeholders.index(n)] for n in weights)
+    if also:  # plain tensor attributes and globals used as weights: lift them too, then look again
+        lifted, kept = lift_parameters(gm, concrete, also)
+        sites = _find_sites(lifted, [concrete[i] for i in kept])
     inputs = [example_inputs[i] for i in kept]
-    has_sites = any(n.op == "call_function" and n.target in _SITE_TARGETS for n in lifted.graph.nodes)
-    if has_sites:
-        result = compress(lifted, *inputs, config=config)
-        compressed: fx.GraphModule = result.module
+    compressed: fx.GraphModule = lifted
+    if sites:
+        unreadable = {s.display_name: why for s in sites if (why := _unreadable(s)) is not None}
+        if unreadable:  # leave these layers alone (as a None override does), then say why
+            config = config.replace(ranks={**config.ranks, **dict.fromkeys(unreadable)})
+        result = compress(lifted, *[concrete[i] for i in kept], config=config)
+        for entry in result.plan:
+            if entry.name in unreadable:
+                entry.reason = unreadable[entry.name]
+        compressed = result.module
         if on_report is not None:
             on_report(result)
-    else:
-        compressed = lifted
     if inner == "eager":
         compiled: Callable[..., Any] = compressed.forward
     elif inner == "aot_eager":
@@ -152,9 +280,3 @@ def tucker_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: 
         return compiled(*[args[i] for i in kept])
 
     return run
-
-
-_SITE_TARGETS = {
-    torch.conv1d, torch.conv2d, torch.conv3d, torch.nn.functional.linear,
-    torch.ops.aten.convolution.default, torch.ops.aten.linear.default,
-}
