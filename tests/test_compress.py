@@ -95,6 +95,36 @@ def test_tensorly_solver_through_compress():
     assert low[1].validation.rel_error == pytest.approx(low[0].validation.rel_error, rel=0.05)
 
 
+def test_weight_computed_in_forward_is_skipped_with_reason():
+    class WeightNormed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.g = nn.Parameter(torch.ones(8, 1, 1, 1))
+            self.v = nn.Parameter(torch.randn(8, 4, 3, 3))
+            self.c = nn.Conv2d(8, 8, 3)
+
+        def forward(self, x):
+            return self.c(F.conv2d(x, self.g * self.v))
+
+    net = WeightNormed().eval()
+    x = torch.randn(1, 4, 12, 12)
+    result = tucker_fx.compress(net, x, config=TuckerConfig(rank=1.0, only_if_cheaper=False))
+    skipped = [e for e in result.plan if e.kind == "none"]
+    assert len(skipped) == 1 and "computed in forward" in skipped[0].reason
+    assert result.plan["c"].applied and rel(net(x), result.module(x)) < 1e-5
+
+
+def test_exported_program_gets_the_same_plan_as_the_module():
+    # the flatten before fc1 is an aten.view in the exported graph: still "Linear as a conv"
+    factory, shape = TEST_MODELS["conv2d"]
+    net, x = factory().eval(), torch.randn(shape)
+    config = TuckerConfig(rank=0.5, validate=False)
+    ours = tucker_fx.compress(net, x, config=config)
+    exported = tucker_fx.compress(torch.export.export(net, (x,)), x, config=config)
+    assert [(e.name, e.kind, e.ranks) for e in exported.plan] == [(e.name, e.kind, e.ranks) for e in ours.plan]
+    assert ours.plan["fc1"].as_conv
+
+
 def test_channels_last_input_exact():
     conv = nn.Conv3d(6, 8, (3, 5, 5), padding=(1, 2, 2)).eval()
     x = torch.randn(2, 6, 5, 9, 9).to(memory_format=torch.channels_last_3d)

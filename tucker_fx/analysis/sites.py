@@ -87,6 +87,19 @@ class Site:
             return str(w.target)[: -len(".weight")]
         return self.node.name
 
+    def unreadable_reason(self) -> Optional[str]:
+        """Why this site's weight or bias cannot be read before running the model (a graph
+        input, or a tensor computed in ``forward``), or ``None`` when it can."""
+        if self.module_name is not None:
+            return None
+        for role, node in (("weight", self.weight_node), ("bias", self.bias_node)):
+            if node is None or node.op == "get_attr" or isinstance(node.meta.get("tucker_fx.value"), torch.Tensor):
+                continue
+            what = "a graph input" if node.op == "placeholder" else f"computed in forward (node {node.name!r})"
+            return (f"its {role} is {what}, not a parameter, buffer or tensor attribute that can be read "
+                    "before the model runs: not decomposed")
+        return None
+
     def weight(self, gm: fx.GraphModule) -> torch.Tensor:
         """The weight tensor itself (a Parameter for module and ``get_attr`` sites)."""
         if self.module_name is not None:

@@ -220,22 +220,6 @@ def _find_sites(lifted: fx.GraphModule, inputs: Sequence[Any]) -> list[Site]:
     return [s for s in found if s is not None]
 
 
-def _target_name(node: fx.Node) -> str:
-    target = node.target
-    return target if isinstance(target, str) else getattr(target, "__qualname__", None) or str(target)
-
-
-def _unreadable(site: Site) -> Optional[str]:
-    """Why the backend cannot read this site's weight or bias at compile time, or None if it can."""
-    for role, node in (("weight", site.weight_node), ("bias", site.bias_node)):
-        if site.module_name is None and node is not None and node.op != "get_attr":
-            what = ("a graph input" if node.op == "placeholder"
-                    else f"computed in forward (node {node.name!r}: {_target_name(node)})")
-            return (f"not decomposed: its {role} is {what}, not a parameter, buffer or tensor attribute "
-                    "the backend can read at compile time")
-    return None
-
-
 def tucker_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Callable[..., Any]:
     """The ``torch.compile`` backend. Options: TuckerConfig fields, ``inner``, ``on_report``."""
     from tucker_fx.api import compress
@@ -255,13 +239,8 @@ def tucker_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: 
     inputs = [example_inputs[i] for i in kept]
     compressed: fx.GraphModule = lifted
     if sites:
-        unreadable = {s.display_name: why for s in sites if (why := _unreadable(s)) is not None}
-        if unreadable:  # leave these layers alone (as a None override does), then say why
-            config = config.replace(ranks={**config.ranks, **dict.fromkeys(unreadable)})
+        # a layer whose weight is computed in forward is skipped by the planner, with its reason
         result = compress(lifted, *[concrete[i] for i in kept], config=config)
-        for entry in result.plan:
-            if entry.name in unreadable:
-                entry.reason = unreadable[entry.name]
         compressed = result.module
         if on_report is not None:
             on_report(result)

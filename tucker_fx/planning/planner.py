@@ -34,7 +34,11 @@ from tucker_fx.reporting.progress import Progress
 
 __all__ = ["build_plan", "candidate_sites", "flatten_source", "check_plan_entry"]
 
-_FLATTEN_FUNCTIONS = {torch.flatten, torch.reshape}
+_aten = torch.ops.aten
+# flatten spellings of traced, Dynamo and exported graphs; the shape check in flatten_source
+# makes sure a reshape/view really is a flatten of (B, S, *spatial) to (B, S * prod spatial)
+_FLATTEN_FUNCTIONS = {torch.flatten, torch.reshape, _aten.flatten.using_ints, _aten.view.default,
+                      _aten.reshape.default, _aten._unsafe_view.default}
 _FLATTEN_METHODS = {"flatten", "view", "reshape"}
 
 
@@ -98,6 +102,9 @@ def check_plan_entry(entry: LayerPlan, site: Site) -> None:
 
 
 def _skip_reason(site: Site, name: str, config: TuckerConfig) -> Optional[str]:
+    unreadable = site.unreadable_reason()
+    if unreadable is not None:
+        return unreadable
     if site.transposed:
         return "transposed convolutions are not decomposed"
     if site.groups != 1:
