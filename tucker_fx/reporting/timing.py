@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from typing import Any, Callable, Optional
@@ -31,25 +32,38 @@ def median_ms(fn: Callable[..., Any], *args: Any, repeats: int = 7, warmup: int 
     return compare_ms({"fn": lambda: fn(*args)}, repeats=repeats, warmup=warmup)["fn"]
 
 
-def compare_ms(fns: dict[str, Callable[[], Any]], *, repeats: int = 7, warmup: int = 1) -> dict[str, float]:
+def compare_ms(fns: dict[str, Callable[[], Any]], *, repeats: int = 7, warmup: int = 1,
+               min_sample_ms: float = 1.0) -> dict[str, float]:
     """Median wall time (ms) of each callable, run round-robin: a, b, c, a, b, c, ..."""
-    return {k: statistics.median(v) for k, v in compare_samples(fns, repeats=repeats, warmup=warmup).items()}
+    samples = compare_samples(fns, repeats=repeats, warmup=warmup, min_sample_ms=min_sample_ms)
+    return {k: statistics.median(v) for k, v in samples.items()}
 
 
-def compare_samples(fns: dict[str, Callable[[], Any]], *, repeats: int = 7, warmup: int = 1) -> dict[str, list[float]]:
-    """Every timed run (ms) of each callable, round-robin, under ``torch.no_grad``."""
+def compare_samples(fns: dict[str, Callable[[], Any]], *, repeats: int = 7, warmup: int = 1,
+                    min_sample_ms: float = 1.0) -> dict[str, list[float]]:
+    """Every timed run (ms per call) of each callable, round-robin, under ``torch.no_grad``.
+
+    A callable faster than ``min_sample_ms`` is called several times per sample (the number
+    estimated from its last warm-up call) and the sample is the mean per call: a 10 us layer
+    timed one call at a time measures the timer and the scheduler more than the layer.
+    """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     samples: dict[str, list[float]] = {k: [] for k in fns}
+    number = dict.fromkeys(fns, 1)
     with torch.no_grad():
-        for _ in range(warmup):
-            for fn in fns.values():
-                fn()
-        sync()
-        for _ in range(repeats):
+        for _ in range(max(warmup, 1 if min_sample_ms > 0 else 0)):
             for name, fn in fns.items():
                 start = time.perf_counter()
                 fn()
                 sync()
-                samples[name].append((time.perf_counter() - start) * 1e3)
+                ms = (time.perf_counter() - start) * 1e3
+                number[name] = max(1, min(1000, math.ceil(min_sample_ms / max(ms, 1e-6))))
+        for _ in range(repeats):
+            for name, fn in fns.items():
+                start = time.perf_counter()
+                for _ in range(number[name]):
+                    fn()
+                sync()
+                samples[name].append((time.perf_counter() - start) * 1e3 / number[name])
     return samples
