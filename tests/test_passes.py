@@ -13,10 +13,11 @@ from torch.utils.flop_counter import FlopCounterMode
 import tucker_fx
 from tucker_fx import TuckerConfig
 from tucker_fx.analysis import propagate_shapes
-from tucker_fx.kernels import LinearChain, TuckerFFTConv
+from tucker_fx.kernels import LinearChain, TuckerFFTConv, WindowMax
+from tucker_fx.kernels.window_max import is_window_max
 from tucker_fx.models import TEST_MODELS, THETIS_INPUT_SHAPE, resnet3d18, thetis_net, thetis_paper_config
 from tucker_fx.passes.fold_bn import FoldBatchNorm
-from tucker_fx.passes.lowering import LowerConvs, block_candidates
+from tucker_fx.passes.lowering import LowerConvs, LowerMaxPools, block_candidates
 from tucker_fx.passes.merge_linear import MergeLinear
 from tucker_fx.passes.blocks import build_block
 from tucker_fx.tuning import TimingCache, direct_conv_seconds, fft_conv_seconds
@@ -264,6 +265,17 @@ def test_timing_cache_survives_corruption(tmp_path):
     assert TimingCache(path).get({"a": 1}) == 2.0
 
 
+def test_timing_caches_on_one_file_do_not_erase_each_other(tmp_path):
+    path = tmp_path / "t.json"
+    first, second = TimingCache(path), TimingCache(path)  # both read the (empty) file first
+    first.put({"a": 1}, 1.0)
+    first.save()
+    second.put({"b": 2}, 2.0)
+    second.save()
+    again = TimingCache(path)
+    assert again.get({"a": 1}) == 1.0 and again.get({"b": 2}) == 2.0
+
+
 def test_apply_plan_reuses_lowering_choice():
     x = torch.randn(THETIS_INPUT_SHAPE)
     r = tucker_fx.compress(thetis_net(), x, config=thetis_paper_config(tune=False, validate=False))
@@ -281,6 +293,42 @@ def test_new_config_fields_validated(kwargs, match):
 
 
 # --- max-pool before a monotone activation ----------------------------------------------------------
+
+@pytest.mark.parametrize("pool,shape", [
+    (nn.MaxPool3d((2, 4, 4)), (1, 6, 28, 30, 40)),
+    (nn.MaxPool3d((2, 4, 4)), (6, 9, 17, 18)),          # unbatched, sizes that do not divide: dropped
+    (nn.MaxPool3d(2, stride=2), (2, 3, 5, 6, 7)),
+    (nn.MaxPool2d((3, 2)), (2, 3, 10, 9)),
+    (nn.MaxPool1d(4), (2, 3, 17)),
+])
+def test_window_max_equals_max_pool(pool, shape):
+    assert is_window_max(pool)
+    x = torch.randn(shape)
+    assert torch.equal(WindowMax.from_pool(pool)(x), pool(x))
+
+
+@pytest.mark.parametrize("pool", [nn.MaxPool3d(3, stride=2), nn.MaxPool3d(2, padding=1), nn.MaxPool2d(2, dilation=2),
+                                  nn.MaxPool2d(2, ceil_mode=True), nn.MaxPool1d(2, return_indices=True),
+                                  nn.AvgPool2d(2)])
+def test_window_max_refuses_other_pools(pool):
+    assert not is_window_max(pool)
+
+
+@pytest.mark.parametrize("tune", [False, True])
+def test_lower_max_pools_pass(tune):
+    for model, x in ((nn.Sequential(nn.Conv3d(2, 3, 3), nn.MaxPool3d((1, 2, 2)), nn.ReLU()), torch.randn(1, 2, 5, 10, 10)),
+                     (nn.Sequential(nn.Conv2d(2, 3, 3), nn.MaxPool2d(2)), torch.randn(2, 2, 9, 9))):
+        gm = torch.fx.symbolic_trace(copy.deepcopy(model.eval()))
+        propagate_shapes(gm, (x,))
+        LowerMaxPools(tune=tune, cache=None, repeats=1)(gm)
+        gm.recompile()
+        assert torch.equal(gm(x), model(x))
+        if not tune:  # the cost model lowers 3-d pools only
+            assert isinstance(gm.get_submodule("1"), WindowMax) == (x.dim() == 5)
+        report = tucker_fx.analyze(gm, x)  # counted as the pool it computes
+        assert report.row("_1").kind == "pool" and not report.unsupported
+        assert report.total_flops == tucker_fx.analyze(model, x).total_flops
+
 
 @pytest.mark.parametrize("act", [nn.ReLU(), nn.LeakyReLU(0.1), nn.Sigmoid(), nn.Hardtanh(), nn.ELU()])
 @pytest.mark.parametrize("pool", [nn.MaxPool3d((2, 4, 4)), nn.MaxPool3d(3, stride=2, padding=1, ceil_mode=True)])

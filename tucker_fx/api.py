@@ -26,7 +26,7 @@ from tucker_fx.analysis.shapes import propagate_shapes
 from tucker_fx.config import TuckerConfig
 from tucker_fx.errors import DecompositionError
 from tucker_fx.passes.fold_bn import FoldBatchNorm
-from tucker_fx.passes.lowering import LowerBlocks, LowerConvs
+from tucker_fx.passes.lowering import LowerBlocks, LowerConvs, LowerMaxPools
 from tucker_fx.passes.merge_linear import MergeLinear
 from tucker_fx.passes.pool_first import PoolBeforeActivation
 from tucker_fx.passes.runner import run_passes
@@ -238,11 +238,12 @@ def _finish(model: nn.Module, gm: fx.GraphModule, reference: Optional[fx.GraphMo
     propagate_shapes(gm, example_inputs)
     passes: list = []
     if config.lowering == "auto":
-        passes.append(LowerBlocks(plan, rewrite.originals, tune=config.tune, cache=_cache(config) if config.tune else None,
+        cache = _cache(config) if config.tune else None  # one cache object for every tuning pass
+        passes.append(LowerBlocks(plan, rewrite.originals, tune=config.tune, cache=cache,
                                   repeats=config.tuning_repeats, tolerance=config.lowering_tolerance,
                                   allow_original=config.keep_original_if_faster,
                                   progress=progress))
-        passes.append(PoolBeforeActivation())
+        passes += [PoolBeforeActivation(), LowerMaxPools(tune=config.tune, cache=cache, repeats=config.tuning_repeats)]
     if config.merge:
         passes.append(MergeLinear())
     if passes:
@@ -396,7 +397,9 @@ def lower(model: nn.Module, *example_inputs: Any, tune: bool = True,
     config = TuckerConfig(tune=tune, tuning_cache=tuning_cache, fold_bn=fold_bn, merge=merge, validate=False)
     gm, _ = _analysed_copy(model, example_inputs)
     gm, _ = _prepare(gm, example_inputs, config)
-    lowering = LowerConvs(tune=tune, cache=_cache(config) if tune else None, repeats=config.tuning_repeats)
-    gm = run_passes(gm, [lowering, PoolBeforeActivation()] + ([MergeLinear()] if merge else []))
+    cache = _cache(config) if tune else None
+    lowering = LowerConvs(tune=tune, cache=cache, repeats=config.tuning_repeats)
+    pools = LowerMaxPools(tune=tune, cache=cache, repeats=config.tuning_repeats)
+    gm = run_passes(gm, [lowering, PoolBeforeActivation(), pools] + ([MergeLinear()] if merge else []))
     gm.meta["tucker_fx.lowering"] = lowering.choices
     return gm

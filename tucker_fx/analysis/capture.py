@@ -32,9 +32,9 @@ class _LeafTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if self._leaf_types and isinstance(m, self._leaf_types):
             return True
-        from tucker_fx.kernels import FFTConv, LinearChain, TuckerFFTConv  # our runtime kernels stay one node
+        from tucker_fx.kernels import FFTConv, LinearChain, TuckerFFTConv, WindowMax  # our kernels stay one node
 
-        if isinstance(m, (FFTConv, TuckerFFTConv, LinearChain)):
+        if isinstance(m, (FFTConv, TuckerFFTConv, LinearChain, WindowMax)):
             return True
         return super().is_leaf_module(m, qualname)
 

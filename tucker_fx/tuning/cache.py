@@ -45,14 +45,15 @@ class TimingCache:
 
     def __init__(self, path: Optional[Union[str, os.PathLike]] = None) -> None:
         self.path = Path(path) if path is not None else default_cache_path()
-        self._data: dict[str, float] = {}
+        self._data = self._read()
+        self._new: dict[str, float] = {}
+
+    def _read(self) -> dict[str, float]:
         try:
             loaded = json.loads(self.path.read_text(encoding="utf-8"))
-            if isinstance(loaded, dict):
-                self._data = {k: float(v) for k, v in loaded.items() if isinstance(v, (int, float))}
         except (OSError, ValueError):
-            pass
-        self._dirty = False
+            return {}
+        return {k: float(v) for k, v in loaded.items() if isinstance(v, (int, float))} if isinstance(loaded, dict) else {}
 
     @staticmethod
     def _key(key: dict[str, Any]) -> str:
@@ -62,17 +63,19 @@ class TimingCache:
         return self._data.get(self._key(key))
 
     def put(self, key: dict[str, Any], ms: float) -> None:
-        self._data[self._key(key)] = float(ms)
-        self._dirty = True
+        self._data[self._key(key)] = self._new[self._key(key)] = float(ms)
 
     def save(self) -> None:
-        if not self._dirty:
+        """Write this cache's new timings, merged into what the file holds now (another cache
+        object or process may have written it since this one was read)."""
+        if not self._new:
             return
         try:
+            merged = {**self._read(), **self._new}
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self._data, indent=0), encoding="utf-8")
+            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(merged, indent=0), encoding="utf-8")
             tmp.replace(self.path)
-            self._dirty = False
+            self._data, self._new = {**merged, **self._data}, {}
         except OSError:
             pass  # a read-only home must not break compression
