@@ -65,8 +65,8 @@ class LinearChain(nn.Module):
     def __init__(self, first: Optional[Tensor], core: Tensor, last: Tensor, bias: Optional[Tensor],
                  *, flatten: bool = False) -> None:
         super().__init__()
-        for name, t, rows in (("core", core, 2), ("last", last, 2)):
-            if t.dim() != rows:
+        for name, t in (("core", core), ("last", last)):
+            if t.dim() != 2:
                 raise ValueError(f"LinearChain.{name}: expected a 2-D matrix, got shape {tuple(t.shape)}")
         if first is not None:
             # flattened: core reads R_s channels x positions; plain: core reads R_s features

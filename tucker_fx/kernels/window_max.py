@@ -28,6 +28,8 @@ from torch import Tensor
 
 __all__ = ["WindowMax"]
 
+_DIMS = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3}
+
 
 class WindowMax(nn.Module):
     """Max over non-overlapping windows of the last ``len(kernel_size)`` dims."""
@@ -42,8 +44,7 @@ class WindowMax(nn.Module):
     @classmethod
     def from_pool(cls, pool: nn.Module) -> "WindowMax":
         """The equivalent of a ``nn.MaxPool{1,2,3}d`` (see :func:`is_window_max`)."""
-        dims = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3}[type(pool)]
-        return cls(pool.kernel_size, dims)
+        return cls(pool.kernel_size, _DIMS[type(pool)])
 
     def forward(self, x: Tensor) -> Tensor:
         n = len(self.kernel_size)
@@ -60,9 +61,9 @@ class WindowMax(nn.Module):
 def is_window_max(pool: nn.Module) -> bool:
     """A max pool whose windows tile the input: stride = kernel, no padding, dilation 1, no
     ``ceil_mode``, no indices."""
-    if type(pool) not in (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d):
+    dims = _DIMS.get(type(pool))
+    if dims is None:
         return False
-    dims = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3}[type(pool)]
 
     def tup(v: object) -> tuple[int, ...]:
         return tuple(v) if isinstance(v, (tuple, list)) else (int(v),) * dims  # type: ignore[arg-type]
