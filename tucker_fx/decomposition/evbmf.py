@@ -36,6 +36,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import linalg
+
 __all__ = ["VBMFResult", "evbmf", "evbmf_from_singular_values"]
 
 _TAU_BAR_COEF = 2.5129
@@ -92,7 +94,7 @@ def evbmf(matrix: torch.Tensor | np.ndarray) -> VBMFResult:
     """
     y = _as_float64_matrix(matrix)
     shape = (int(y.shape[0]), int(y.shape[1]))
-    s = torch.linalg.svdvals(y)
+    s = linalg.svdvals(y)
     return _evbmf_core(s.numpy(), shape, 0.0)
 
 

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import linalg
 from .evbmf import evbmf_from_singular_values
 
 __all__ = [
@@ -90,7 +91,7 @@ def _fix_signs(u: torch.Tensor) -> torch.Tensor:
 
 def _leading_eigvecs(gram: torch.Tensor, rank: int) -> torch.Tensor:
     """Top-``rank`` eigenvectors of a symmetric PSD matrix, descending, sign-fixed."""
-    _, vecs = torch.linalg.eigh(gram)  # ascending eigenvalues
+    _, vecs = linalg.eigh(gram)  # ascending eigenvalues
     return _fix_signs(vecs[:, -rank:].flip(-1))
 
 
@@ -171,7 +172,7 @@ def vbmf_ranks(weight: torch.Tensor) -> tuple[int, int]:
     )
     ranks = []
     for gram, rows, cols in grams:
-        evals = torch.linalg.eigvalsh(gram).clamp_min(0.0)
+        evals = linalg.eigvalsh(gram).clamp_min(0.0)
         sv = evals.sqrt().cpu()
         if cols < rows:  # only min(rows, cols) non-zero singular values exist
             sv = sv[-cols:]
@@ -221,7 +222,7 @@ def _tucker2_tensorly(weight: torch.Tensor, r_s: int, r_t: int, n_iter: int) -> 
     from tensorly.decomposition import partial_tucker
 
     w = weight.detach().to(torch.float64)
-    with tensorly.backend_context("pytorch"):
+    with tensorly.backend_context("pytorch"), linalg.single_threaded(w.device):
         (core, factors), _ = partial_tucker(w, rank=[r_t, r_s], modes=[0, 1], init="svd",
                                             n_iter_max=max(n_iter, 1), tol=0)
     u_t, u_s = _fix_signs(factors[0]), _fix_signs(factors[1])
@@ -375,7 +376,7 @@ def truncated_svd(weight2d: torch.Tensor, rank: int) -> tuple[torch.Tensor, torc
     out_f, in_f = weight2d.shape
     r = _check_rank(rank, min(out_f, in_f), "rank")
     w = weight2d.detach().to(torch.float64)
-    u, sv, vh = torch.linalg.svd(w, full_matrices=False)
+    u, sv, vh = linalg.svd(w)
     u = u[:, :r]
     # Same sign convention as the Tucker factors, carried over to the rows of vh.
     idx = u.abs().argmax(dim=0, keepdim=True)
