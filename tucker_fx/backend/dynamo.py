@@ -12,9 +12,19 @@ whose weight is computed in ``forward`` or is a real input stays as it is, with 
 plan. Dynamic sizes (``SymInt`` inputs) are compressed and validated at their hint and stay
 inputs. The result goes to ``inner``: inductor (default), ``"eager"`` or ``"aot_eager"``.
 
-Weights are read and decomposed at compile time; Dynamo does not guard on their values, so
-later changes to the model's weights are not seen, and training through this backend is not
-supported: to fine-tune, ``tucker_fx.compress`` the model and train the result.
+Dynamo reuses one graph for every instance of a module class (repeated blocks whose ``forward``
+has a graph break, two models of one class compiled in one process), passing each instance's
+parameters as the graph's inputs. So the compressed graph is a *variant* keyed on the lifted
+tensors actually passed (by identity; a 0-d number by value): each new set of weights is
+compressed once (``on_report`` is called for it) and compiled by ``inner``, then reused. A variant
+is dropped when one of its tensors is freed (it holds them weakly); more than ``max_variants``
+(default 64) live sets for one graph raise a ``RuntimeError``. A lifted tensor changed in place
+since its variant was compressed (its ``_version`` moved: ``load_state_dict``, ``param.mul_``)
+gets the variant compressed again, with a ``RuntimeWarning``; changes through ``.data`` do not
+move the version and are not seen: ``torch._dynamo.reset()`` after them. Training through this backend is not supported (no
+gradient reaches the parameters): to fine-tune, ``tucker_fx.compress`` the model and train the
+result. Parameters reached through ``__dict__`` (a module with its own ``__getattr__``, as
+diffusers' ``ModelMixin``) are named as ``compress`` names them.
 
 Example:
     >>> import torch, torch.nn as nn
@@ -32,6 +42,8 @@ Example:
 from __future__ import annotations
 
 import re
+import warnings
+import weakref
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -43,13 +55,17 @@ from tucker_fx.analysis.sites import Site, site_of
 from tucker_fx.config import TuckerConfig
 from tucker_fx.errors import ShapePropagationError
 
-__all__ = ["tucker_backend", "BACKEND_OPTIONS", "lift_parameters", "concrete_inputs"]
+__all__ = ["tucker_backend", "BACKEND_OPTIONS", "DEFAULT_MAX_VARIANTS", "lift_parameters", "concrete_inputs"]
 
-BACKEND_OPTIONS = ("inner", "on_report")
+BACKEND_OPTIONS = ("inner", "on_report", "max_variants")
+DEFAULT_MAX_VARIANTS = 64
 _INNERS = ("inductor", "eager", "aot_eager")
 _ROOT = re.compile(r"^(L|G)\['([^']+)'\]")
-_STATE_PART = re.compile(r"\._(?:parameters|buffers)\['([^']+)'\]")
-_MODULE_PART = re.compile(r"\._modules\['([^']+)'\]")
+# ``._parameters['w']`` and, on a module with its own ``__getattr__`` (diffusers' ModelMixin), the
+# spelling Dynamo uses there: ``.__dict__['_parameters']['w']``; likewise for modules and attributes
+_STATE_PART = re.compile(r"\.(?:_parameters|_buffers|__dict__\['_parameters'\]|__dict__\['_buffers'\])\['([^']+)'\]")
+_MODULE_PART = re.compile(r"\.(?:_modules|__dict__\['_modules'\])\['([^']+)'\]")
+_DICT_ATTR_PART = re.compile(r"\.__dict__\['([^']+)'\]")
 _ATTR_PART = re.compile(r"\.([A-Za-z_][A-Za-z0-9_]*)")
 _ITEM_PART = re.compile(r"\[(\d+)\]|\['([^']+)'\]")
 
@@ -67,7 +83,7 @@ def _parse_source(source_name: str) -> Optional[tuple[str, bool]]:
     parts = [root.group(2)] if root.group(1) == "G" else []
     pos, rest, state, indexed = 0, source_name[root.end():], False, False
     while pos < len(rest):
-        for pattern in (_STATE_PART, _MODULE_PART, _ATTR_PART, _ITEM_PART):
+        for pattern in (_STATE_PART, _MODULE_PART, _DICT_ATTR_PART, _ATTR_PART, _ITEM_PART):
             m = pattern.match(rest, pos)
             if m is not None:
                 state |= pattern is _STATE_PART
@@ -144,6 +160,19 @@ def lift_parameters(gm: fx.GraphModule, example_inputs: Sequence[Any],
     Dynamo passes as 0-d tensors under ``dynamic=True`` (a norm's ``eps``, ``momentum``): their
     ``.item()`` becomes the number, read at compile time like the weights.
     """
+    return _lift(gm, example_inputs, also, _placeholder_sources(gm))
+
+
+def _placeholder_sources(gm: fx.GraphModule) -> list[tuple[Optional[str], bool]]:
+    """``(source name, passed as a tensor)`` of each placeholder, read from Dynamo's ``grapharg``
+    (Dynamo drops that meta once the backend has returned: keep this to lift again later)."""
+    return [(_source_name(n), bool(getattr(n.meta.get("grapharg"), "pass_arg_as_tensor", False)))
+            for n in gm.graph.nodes if n.op == "placeholder"]
+
+
+def _lift(gm: fx.GraphModule, example_inputs: Sequence[Any], also: frozenset[int],
+          sources: Sequence[tuple[Optional[str], bool]]) -> tuple[fx.GraphModule, list[int]]:
+    """:func:`lift_parameters` with the placeholders' sources given."""
     root = nn.Module()
     graph = fx.Graph()
     env: dict[fx.Node, Any] = {}
@@ -152,13 +181,12 @@ def lift_parameters(gm: fx.GraphModule, example_inputs: Sequence[Any],
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for i, node in enumerate(placeholders):
         value = example_inputs[i] if i < len(example_inputs) else None
-        grapharg = node.meta.get("grapharg")
-        source = _source_name(node)
+        source, as_tensor = sources[i]
         parsed = _parse_source(source) if source is not None else None
         if isinstance(value, torch.Tensor) and parsed is not None:
             name, state = parsed
             attribute = _ROOT.sub("", source, count=1) != ""  # not a bare global
-            if getattr(grapharg, "pass_arg_as_tensor", False) and value.dim() == 0 and attribute:
+            if as_tensor and value.dim() == 0 and attribute:
                 scalars[node] = value.item()
             if state or i in also or node in scalars:
                 tensor = value if isinstance(value, nn.Parameter) else value.detach()
@@ -181,7 +209,7 @@ def lift_parameters(gm: fx.GraphModule, example_inputs: Sequence[Any],
     return fx.GraphModule(root, graph, class_name="TuckerDynamoGraph"), kept
 
 
-def _split_options(options: dict[str, Any]) -> tuple[TuckerConfig, str, Optional[Callable[[Any], None]]]:
+def _split_options(options: dict[str, Any]) -> tuple[TuckerConfig, str, Optional[Callable[[Any], None]], int]:
     allowed = set(TuckerConfig.field_names()) | set(BACKEND_OPTIONS)
     unknown = sorted(set(options) - allowed)
     if unknown:
@@ -198,9 +226,12 @@ def _split_options(options: dict[str, Any]) -> tuple[TuckerConfig, str, Optional
     if options.get("inductor"):
         raise ValueError("backend='tucker' option inductor: the compressed graph goes to `inner` "
                          "(inductor by default); expected inductor=False or no such option, got True")
+    max_variants = options.get("max_variants", DEFAULT_MAX_VARIANTS)
+    if isinstance(max_variants, bool) or not isinstance(max_variants, int) or max_variants < 1:
+        raise ValueError(f"backend='tucker' option max_variants: expected an int >= 1, got {max_variants!r}")
     fields = {k: v for k, v in options.items() if k not in BACKEND_OPTIONS}
     fields.setdefault("progress", False)
-    return TuckerConfig(**fields), inner, on_report
+    return TuckerConfig(**fields), inner, on_report, max_variants
 
 
 def _find_sites(lifted: fx.GraphModule, inputs: Sequence[Any]) -> list[Site]:
@@ -220,13 +251,176 @@ def _find_sites(lifted: fx.GraphModule, inputs: Sequence[Any]) -> list[Site]:
     return [s for s in found if s is not None]
 
 
-def tucker_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Callable[..., Any]:
-    """The ``torch.compile`` backend. Options: TuckerConfig fields, ``inner``, ``on_report``."""
-    from tucker_fx.api import compress
+def _version_of(tensor: torch.Tensor) -> Optional[int]:
+    """``tensor._version`` (bumped by every in-place change), or ``None`` for an inference tensor."""
+    try:
+        return tensor._version
+    except RuntimeError:  # inference tensors have no version counter
+        return None
 
+
+def _is_dynamic(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> bool:
+    """Whether Dynamo traced ``gm`` with a symbolic size (a ``SymInt`` input or a symbolic shape)."""
+    if any(isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool)) for v in example_inputs):
+        return True
+    for node in gm.graph.nodes:
+        value = node.meta.get("example_value") if node.op == "placeholder" else None
+        if isinstance(value, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in value.shape):
+            return True
+    return False
+
+
+def _compile_inner(module: fx.GraphModule, inputs: Sequence[Any], inner: str) -> Callable[..., Any]:
+    """``module`` compiled by ``inner`` for ``inputs`` (inside Dynamo's compile: may hold ``SymInt``)."""
+    if inner == "eager":
+        return module.forward
+    if inner == "aot_eager":
+        from torch._dynamo.backends.debugging import aot_eager
+
+        return aot_eager(module, list(inputs))
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(module, list(inputs))
+
+
+class _Variant:
+    """One compressed, compiled form of a graph, for one set of lifted tensors (held weakly)."""
+
+    __slots__ = ("refs", "versions", "compiled")
+
+    def __init__(self, refs: tuple[Any, ...], versions: tuple[Any, ...], compiled: Callable[..., Any]) -> None:
+        self.refs = refs  # weakref.ref for a tensor position, the number for a scalar position
+        self.versions = versions
+        self.compiled = compiled
+
+
+class _TuckerGraph:
+    """What the backend returns for a graph with conv/linear layers: the compressed graph for each
+    set of weights that Dynamo passes to it.
+
+    Dynamo reuses one graph for every instance of a module class (repeated blocks with a graph break,
+    two models of one class): their parameters arrive as the lifted arguments. Each call looks up the
+    variant compressed for exactly those tensors (by identity; a 0-d number argument by value), and
+    compresses and compiles a new one on a miss. A tensor changed in place since (``_version``) gets
+    its variant compressed again. Variants are dropped when one of their tensors is freed; more than
+    ``max_variants`` live ones is an error.
+    """
+
+    def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], config: TuckerConfig, inner: str,
+                 on_report: Optional[Callable[[Any], None]], max_variants: int,
+                 also: frozenset[int], kept: list[int]) -> None:
+        self._gm = gm
+        self._config = config
+        self._inner = inner
+        self._on_report = on_report
+        self._max_variants = max_variants
+        self._also = also
+        self._kept = kept
+        self._sources = _placeholder_sources(gm)
+        self._dynamic = _is_dynamic(gm, example_inputs)
+        kept_set = set(kept)
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        lifted = [i for i in range(len(placeholders)) if i not in kept_set]
+        self._scalars = tuple(i for i in lifted if self._sources[i][1] and isinstance(example_inputs[i], torch.Tensor)
+                              and example_inputs[i].dim() == 0)
+        self._tensors = tuple(i for i in lifted if i not in self._scalars)
+        self._variants: dict[tuple[Any, ...], _Variant] = {}
+        self._last: Optional[_Variant] = None
+        self.compressions = 0  # how many variants were compressed (for tests and diagnostics)
+
+    # -- keys -------------------------------------------------------------------------------
+    def _key(self, args: Sequence[Any]) -> tuple[Any, ...]:
+        for i in self._tensors:
+            if not isinstance(args[i], torch.Tensor):
+                raise RuntimeError(
+                    f"backend='tucker': argument {i} of a compiled graph was a tensor when it was compiled "
+                    f"(a weight lifted into the compressed graph); got {type(args[i]).__name__}")
+        return (tuple(id(args[i]) for i in self._tensors)
+                + tuple(float(args[i].item()) for i in self._scalars))
+
+    def _matches(self, variant: _Variant, args: Sequence[Any]) -> Optional[bool]:
+        """True: same tensors, unchanged; False: same tensors, one changed in place; None: other tensors."""
+        tensors = [args[i] for i in self._tensors]
+        for ref, arg in zip(variant.refs, tensors):
+            if ref() is not arg:
+                return None
+        for i, value in zip(self._scalars, variant.refs[len(tensors):]):
+            if float(args[i].item()) != value:
+                return None
+        try:
+            versions = tuple([t._version for t in tensors])
+        except RuntimeError:  # an inference tensor among them
+            versions = tuple(_version_of(t) for t in tensors)
+        return versions == variant.versions
+
+    # -- building -----------------------------------------------------------------------------
+    def add(self, args: Sequence[Any], example_inputs: Optional[Sequence[Any]] = None) -> _Variant:
+        """Compress and compile the variant for ``args`` (real values); ``example_inputs`` are
+        Dynamo's (during its compile), else the variant is compiled for ``args``."""
+        from tucker_fx.api import compress
+
+        live = sum(1 for v in self._variants.values() if all(r() is not None for r in v.refs[:len(self._tensors)]))
+        key = self._key(args)
+        if key not in self._variants and live >= self._max_variants:
+            raise RuntimeError(
+                f"backend='tucker': a compiled graph was called with a {live + 1}th set of weights (module "
+                f"instances sharing the graph); expected at most max_variants={self._max_variants} live sets. Pass "
+                "a larger options={'max_variants': N}, or compile fewer instances of the class in one process "
+                "(torch._dynamo.reset() between them)")
+        try:
+            lifted, kept = _lift(self._gm, args, self._also, self._sources)
+            if kept != self._kept:
+                raise RuntimeError(f"lifted arguments: expected inputs {self._kept} to stay inputs, got {kept}")
+            inputs = [args[i] for i in kept]
+            result = compress(lifted, *inputs, config=self._config)
+        except Exception as exc:
+            raise RuntimeError(
+                f"backend='tucker': cannot compress a compiled graph for the weights it was called with "
+                f"(arguments {[name for name, _ in self._sources]}): {exc}"
+            ) from exc
+        self.compressions += 1
+        if self._on_report is not None:
+            self._on_report(result)
+        compressed: fx.GraphModule = result.module
+        if example_inputs is not None:  # during Dynamo's compile: its inputs carry the symbolic sizes
+            compiled = _compile_inner(compressed, [example_inputs[i] for i in kept], self._inner)
+        elif self._inner == "eager" or not self._dynamic:
+            # a static graph: Dynamo guards these shapes, so compiling for the call's values is exact
+            compiled = _compile_inner(compressed, inputs, self._inner)
+        else:
+            # a dynamic graph: later calls may bring other sizes; Dynamo guards and recompiles this one
+            compiled = torch.compile(compressed, backend=self._inner)
+        variants = self._variants
+        refs = tuple(weakref.ref(args[i], lambda _r, k=key: variants.pop(k, None)) for i in self._tensors)
+        refs += tuple(float(args[i].item()) for i in self._scalars)
+        variant = _Variant(refs, tuple(_version_of(args[i]) for i in self._tensors), compiled)
+        variants[key] = variant
+        return variant
+
+    # -- calling ------------------------------------------------------------------------------
+    def __call__(self, *args: Any) -> Any:
+        variant = self._last
+        state = self._matches(variant, args) if variant is not None else None
+        if state is None:
+            variant = self._variants.get(self._key(args))
+            state = self._matches(variant, args) if variant is not None else None
+        if not state:
+            if state is False:
+                warnings.warn(
+                    "backend='tucker': a weight of a compiled graph was changed in place since it was compressed; "
+                    "compressing it again (in-place changes through `.data` are not seen: torch._dynamo.reset() "
+                    "after such changes)", RuntimeWarning, stacklevel=2)
+            variant = self.add(args)
+        self._last = variant
+        return variant.compiled(*[args[i] for i in self._kept])
+
+
+def tucker_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Callable[..., Any]:
+    """The ``torch.compile`` backend. Options: TuckerConfig fields, ``inner``, ``on_report``,
+    ``max_variants``."""
     options = dict(kwargs.pop("options", None) or {})
     options.update(kwargs)
-    config, inner, on_report = _split_options(options)
+    config, inner, on_report, max_variants = _split_options(options)
     concrete = concrete_inputs(example_inputs)
     lifted, kept = lift_parameters(gm, concrete)
     sites = _find_sites(lifted, [concrete[i] for i in kept])
@@ -236,26 +430,10 @@ def tucker_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: 
     if also:  # plain tensor attributes and globals used as weights: lift them too, then look again
         lifted, kept = lift_parameters(gm, concrete, also)
         sites = _find_sites(lifted, [concrete[i] for i in kept])
-    inputs = [example_inputs[i] for i in kept]
-    compressed: fx.GraphModule = lifted
-    if sites:
-        # a layer whose weight is computed in forward is skipped by the planner, with its reason
-        result = compress(lifted, *[concrete[i] for i in kept], config=config)
-        compressed = result.module
-        if on_report is not None:
-            on_report(result)
-    if inner == "eager":
-        compiled: Callable[..., Any] = compressed.forward
-    elif inner == "aot_eager":
-        from torch._dynamo.backends.debugging import aot_eager
-
-        compiled = aot_eager(compressed, list(inputs))
-    else:
-        from torch._inductor.compile_fx import compile_fx
-
-        compiled = compile_fx(compressed, list(inputs))
-
-    def run(*args: Any) -> Any:
-        return compiled(*[args[i] for i in kept])
-
-    return run
+    if not sites:
+        # nothing to compress: Dynamo's graph as it is, every weight still an input (right for every
+        # module instance that shares the graph)
+        return _compile_inner(gm, example_inputs, inner)
+    graph = _TuckerGraph(gm, example_inputs, config, inner, on_report, max_variants, also, kept)
+    graph._last = graph.add(concrete, example_inputs)
+    return graph
