@@ -464,7 +464,7 @@ def _channel_mix(x: Tensor, m: Tensor, bias: Optional[Tensor]) -> Tensor:
     x3 = x.reshape(b, c, -1)
     if bias is None:
         y = torch.matmul(m, x3)
-    elif b == 1:
+    elif not torch.compiler.is_compiling() and b == 1:  # eager only: no guard on a dynamic batch
         y = torch.addmm(bias.unsqueeze(-1), m, x3[0]).unsqueeze(0)
     else:
         y = torch.baddbmm(bias.view(1, -1, 1), m.expand(b, -1, -1), x3)
@@ -536,13 +536,15 @@ def _fft_block(
     last = None if (last is None or merged) else last.to(dtype)
     bias = None if bias is None else bias.to(dtype)
 
-    work_bytes = x.shape[0] * c_mid * math.prod(plan.fft_shape) * x.element_size()
+    # Under torch.compile / torch.export nothing here may branch on the batch size: checked
+    # first, so that the size test below is never traced (it would guard, i.e. specialise, a
+    # dynamic batch). The buffered path is eager-only anyway.
     buffered = (
         reuse_buffers
-        and x.device.type == "cpu"
-        and work_bytes >= _BUFFER_MIN_BYTES
-        and _stamp((x, core)) is not None  # real tensors (not fake / functional / inference)
         and not torch.compiler.is_compiling()
+        and x.device.type == "cpu"
+        and x.shape[0] * c_mid * math.prod(plan.fft_shape) * x.element_size() >= _BUFFER_MIN_BYTES
+        and _stamp((x, core)) is not None  # real tensors (not fake / functional / inference)
         and not (torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, first, w_hat, last, bias)))
     )

@@ -279,6 +279,12 @@ class LowerBlocks:
         modified = False
         for i, entry in enumerate(applied):
             name = block_name(entry)
+            if not any(n.op == "call_module" and (str(n.target) == name or str(n.target).startswith(name + "."))
+                       for n in gm.graph.nodes):  # removed as dead code (the rewrite normally marks these)
+                note = "not lowered: its block is no longer in the graph (dead code, output unused)"
+                if note not in entry.notes:
+                    entry.notes.append(note)
+                continue
             block = gm.get_submodule(name)
             if not isinstance(block, TuckerBlock):
                 continue

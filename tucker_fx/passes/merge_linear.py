@@ -3,8 +3,12 @@
 Patterns (``A`` a pointwise conv (kernel 1, stride 1, no padding, groups 1) or a Linear,
 ``B`` the next such map, ``A``'s output used only on the way to ``B``):
 
-- ``A -> [Identity | eval Dropout]* -> B`` with both pointwise convs or both Linears:
-  ``W = W_B W_A``, ``b = W_B b_A + b_B``.
+- ``A -> [Identity | eval-mode dropout]* -> B`` with both pointwise convs or both Linears:
+  ``W = W_B W_A``, ``b = W_B b_A + b_B``. A dropout of any kind (``nn.Dropout``,
+  ``Dropout1d/2d/3d``, ``AlphaDropout``, ``FeatureAlphaDropout``, ``F.dropout*``) is
+  transparent only in eval mode; in training mode it draws a random mask between the two
+  maps, so they are not merged (the notes say so) -- compressing in train mode to fine-tune
+  keeps every dropout.
 - pointwise conv ``A`` -> ``[avg pooling without padding]`` -> pointwise conv ``B``: a channel
   mix commutes with average pooling, so the merged map runs after the pooling.
 - pointwise conv ``A`` -> ``flatten(1)`` -> Linear ``B`` (the Tucker "Linear as conv" chain):
@@ -37,6 +41,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 
 from tucker_fx.passes.fold_bn import NOTES_KEY
 from tucker_fx.passes.runner import PassResult
@@ -44,7 +49,14 @@ from tucker_fx.passes.runner import PassResult
 __all__ = ["MergeLinear", "is_pointwise_conv"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_TRANSPARENT = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+_DROPOUT_MODULES = (nn.modules.dropout._DropoutNd,)  # Dropout, Dropout1d/2d/3d, (Feature)AlphaDropout
+# functional dropouts: (callable, position of the training flag, its default)
+_DROPOUT_FUNCTIONS: dict[object, tuple[int, Optional[bool]]] = {
+    **{f: (2, True) for f in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+                              F.feature_alpha_dropout)},
+    **{f: (2, None) for f in (torch.dropout, torch.alpha_dropout, torch.feature_dropout,
+                              torch.feature_alpha_dropout, torch.ops.aten.dropout.default)},
+}
 _AVGPOOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
              nn.AdaptiveAvgPool3d)
 
@@ -56,6 +68,29 @@ def is_pointwise_conv(m: nn.Module) -> bool:
         and not isinstance(m.padding, str) and all(p == 0 for p in m.padding) and m.groups == 1
     ) or (isinstance(m, _CONVS) and m.padding == "valid" and all(k == 1 for k in m.kernel_size)
           and all(s == 1 for s in m.stride) and m.groups == 1)
+
+
+def _dropout_mode(gm: fx.GraphModule, node: fx.Node) -> Optional[str]:
+    """``"eval"`` / ``"train"`` for a dropout node (module or functional), else ``None``.
+
+    A functional dropout whose training flag is not a constant counts as ``"train"``."""
+    if node.op == "call_module":
+        m = gm.get_submodule(str(node.target))
+        if isinstance(m, _DROPOUT_MODULES):
+            return "train" if m.training else "eval"
+        return None
+    if node.op != "call_function" or node.target not in _DROPOUT_FUNCTIONS:
+        return None
+    pos, default = _DROPOUT_FUNCTIONS[node.target]
+    flag = node.args[pos] if len(node.args) > pos else node.kwargs.get("training", node.kwargs.get("train", default))
+    return "eval" if flag is False else "train"
+
+
+def _transparent(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """An identity map: ``nn.Identity`` or a dropout in eval mode."""
+    if node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), nn.Identity):
+        return True
+    return _dropout_mode(gm, node) == "eval"
 
 
 def _numel(node: fx.Node) -> int:
@@ -138,8 +173,7 @@ class MergeLinear:
         cur = a
         while len(cur.users) == 1:
             nxt = next(iter(cur.users))
-            m = _module(gm, nxt)
-            if isinstance(m, _TRANSPARENT) and not (isinstance(m, nn.Dropout) and m.training):
+            if _transparent(gm, nxt):
                 chain.append(nxt)
                 cur = nxt
                 continue
@@ -153,6 +187,9 @@ class MergeLinear:
         if ma is None or not (is_pointwise_conv(ma) or isinstance(ma, nn.Linear)) or ma.weight.dim() < 2:
             return False
         chain, b = self._walk(gm, a)
+        if b is not None and _dropout_mode(gm, b) == "train":
+            self._note_training_dropout(gm, a, ma, b)
+            return False
         if b is None or (b.op == "call_module" and not _called_once(gm, b)):
             return False
         mb = _module(gm, b)
@@ -177,7 +214,26 @@ class MergeLinear:
         return False
 
     def _note(self, gm: fx.GraphModule, text: str) -> None:
-        gm.meta.setdefault(NOTES_KEY, []).append(text)
+        notes = gm.meta.setdefault(NOTES_KEY, [])
+        if text not in notes:  # the pass rescans the graph after every merge
+            notes.append(text)
+
+    def _note_training_dropout(self, gm: fx.GraphModule, a: fx.Node, ma: nn.Module, drop: fx.Node) -> None:
+        """Say why ``a`` is not merged when a training-mode dropout separates it from a map it could join."""
+        cur = drop
+        while len(cur.users) == 1:
+            cur = next(iter(cur.users))
+            if _transparent(gm, cur) or _dropout_mode(gm, cur) is not None:
+                continue
+            mb = _module(gm, cur)
+            if mb is not None and ((isinstance(ma, nn.Linear) and isinstance(mb, nn.Linear))
+                                   or (isinstance(mb, _CONVS) and type(mb) is type(ma))):
+                what = drop.target if drop.op == "call_module" else drop.format_node()
+                head = f"not merged across the training-mode dropout {what}"
+                if not any(n.startswith(head + ":") for n in gm.meta.get(NOTES_KEY, [])):  # once per dropout
+                    self._note(gm, f"{head}: {a.target} -> {cur.target} stay separate (a random mask is not a "
+                                   "linear map); put the model in eval mode to merge them")
+            return
 
     def _merge_pair(self, gm, a, b, chain, ma, mb, pool) -> bool:
         before = _macs(gm, a) + _macs(gm, b)

@@ -4,6 +4,11 @@ A module site keeps its qualified name: ``c1`` becomes a :class:`TuckerBlock` at
 the graph calls ``c1.first``, ``c1.core``, ``c1.last`` (nodes ``c1_first``, ...). A functional
 site (``F.conv3d`` on a ``get_attr`` weight) gets a block named after its node, and the
 now-unused weight is deleted. The pass only reads the plan and the analysis records.
+
+A planned layer whose output never reaches the graph's output (dead code: a deep-supervision
+head computed but not returned, an unused branch) is not decomposed: the dead-code elimination
+that follows the rewrite removes it, so its plan entry becomes ``kind="none"`` with a reason
+that says so, and ``0`` params/MACs after.
 """
 
 from __future__ import annotations
@@ -24,9 +29,26 @@ from tucker_fx.passes.runner import PassResult
 from tucker_fx.planning.plan import LayerPlan, Plan
 from tucker_fx.reporting.progress import Progress
 
-__all__ = ["TuckerRewrite", "ORIGIN_KEY", "block_name"]
+__all__ = ["TuckerRewrite", "ORIGIN_KEY", "DEAD_REASON", "block_name", "dead_nodes"]
 
 ORIGIN_KEY = "tucker_fx.origin"
+DEAD_REASON = ("dead code: the layer's output does not reach the model's output, so it is removed from the "
+               "compressed graph (with its weights) instead of being decomposed")
+
+
+def dead_nodes(graph: fx.Graph) -> set[fx.Node]:
+    """The nodes that ``graph.eliminate_dead_code()`` would remove (unused and side-effect free,
+    directly or through other such nodes)."""
+    impure_random = True  # as eliminate_dead_code decides it
+    if torch._guards.TracingContext.try_get():
+        import torch._inductor.config as inductor_config
+
+        impure_random = inductor_config.fallback_random
+    dead: set[fx.Node] = set()
+    for node in reversed(graph.nodes):
+        if all(user in dead for user in node.users) and not node.is_impure(impure_random):
+            dead.add(node)
+    return dead
 
 
 def block_name(entry: LayerPlan) -> str:
@@ -83,6 +105,11 @@ class TuckerRewrite:
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         nodes = {n.name: n for n in gm.graph.nodes}
         applied = self.plan.applied
+        dead = dead_nodes(gm.graph)
+        for entry in self.plan.layers:  # left alone, but removed with the dead code all the same
+            node = nodes.get(entry.node)
+            if not entry.applied and node is not None and SITE_KEY in node.meta and self._is_dead(gm, node, dead):
+                self._mark_dead(entry)
         for i, entry in enumerate(applied):
             node = nodes.get(entry.node)
             site: Optional[Site] = node.meta.get(SITE_KEY) if node is not None else None
@@ -92,11 +119,35 @@ class TuckerRewrite:
                     f"of this model; its layers are: "
                     f"{[n.meta[SITE_KEY].display_name for n in gm.graph.nodes if SITE_KEY in n.meta]}"
                 )
+            if self._is_dead(gm, node, dead):
+                self._mark_dead(entry)
+                continue
             if self.progress is not None:
                 self.progress.step(i + 1, len(applied), f"decomposing {entry.name} ({entry.kind} {entry.ranks})")
             self._rewrite(gm, site, entry, nodes)
         self._drop_unused(gm)
+        for entry in applied:  # what the dead-code elimination removed after all
+            if entry.applied and not any(str(n.target).rpartition(".")[0] == block_name(entry)
+                                         for n in gm.graph.nodes if n.op == "call_module"):
+                self.blocks.pop(entry.name, None)
+                self.originals.pop(entry.name, None)
+                self._mark_dead(entry)
         return PassResult(gm, bool(applied))
+
+    @staticmethod
+    def _is_dead(gm: fx.GraphModule, node: fx.Node, dead: set[fx.Node]) -> bool:
+        """Every call of ``node``'s layer is dead code."""
+        site = node.meta[SITE_KEY]
+        return all(n in dead for n in gm.graph.nodes if SITE_KEY in n.meta and _same_layer(n.meta[SITE_KEY], site))
+
+    @staticmethod
+    def _mark_dead(entry: LayerPlan) -> None:
+        """The plan says what happens to a dead layer: removed, not decomposed."""
+        entry.kind, entry.ranks, entry.as_conv = "none", None, False
+        entry.reason = DEAD_REASON
+        entry.macs_after = entry.params_after = 0
+        entry.weight_error, entry.lowering, entry.lowering_source = None, None, None
+        entry.timings_ms = {}
 
     def _rewrite(self, gm: fx.GraphModule, site: Site, entry: LayerPlan, nodes: dict[str, fx.Node]) -> None:
         weight, bias = site.weight(gm), site.bias(gm)
