@@ -224,7 +224,7 @@ def test_original_kept_when_no_variant_beats_it():
     model = nn.Sequential(nn.Linear(64, 64)).eval()
     x = torch.randn(1, 64)
     config = TuckerConfig(rank=63, only_if_cheaper=False, validate=False)
-    gm, _ = _analysed_copy(model, (x,))
+    gm, _, _ = _analysed_copy(model, (x,))
     gm, _ = _prepare(gm, (x,), config)
     plan = build_plan(gm, config)
     rewrite = TuckerRewrite(plan)

@@ -15,7 +15,8 @@ from tucker_fx.analysis import CostReport, NodeCost, analyze
 from tucker_fx.api import CompressionResult, apply_plan, compress, lower
 from tucker_fx.config import TuckerConfig
 from tucker_fx.decomposition import VBMFResult, evbmf
-from tucker_fx.errors import DecompositionError, ShapePropagationError, UntraceableModelError
+from tucker_fx.errors import (CaptureWarning, DecompositionError, PlanEditedWarning, PoorCompressionWarning,
+                              ShapePropagationError, TuckerWarning, UntraceableModelError)
 from tucker_fx.io import load, save
 from tucker_fx.planning import LayerPlan, Plan
 from tucker_fx.reporting.validation import ValidationReport, validate
@@ -27,6 +28,7 @@ __all__ = [
     "analyze", "compress", "apply_plan", "lower", "validate", "save", "load", "evbmf", "TuckerConfig", "Plan",
     "LayerPlan",
     "CompressionResult", "CostReport", "NodeCost", "ValidationReport", "VBMFResult",
-    "UntraceableModelError", "ShapePropagationError", "DecompositionError", "__version__",
+    "UntraceableModelError", "ShapePropagationError", "DecompositionError", "TuckerWarning", "CaptureWarning",
+    "PoorCompressionWarning", "PlanEditedWarning", "__version__",
     "finetune", "evaluate",
 ]

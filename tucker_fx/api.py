@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import copy
 import functools
-from dataclasses import dataclass
+import math
+import warnings
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, TypeVar
 
 import torch
@@ -20,12 +22,12 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from tucker_fx.analysis.capture import capture
+from tucker_fx.analysis.capture import CAPTURE_PATHS, Captured, capture_model
 from tucker_fx.analysis.costs import CostReport, annotate_costs
 from tucker_fx.analysis.shapes import propagate_shapes
 from tucker_fx.config import TuckerConfig
-from tucker_fx.errors import DecompositionError
-from tucker_fx.passes.fold_bn import FoldBatchNorm
+from tucker_fx.errors import DecompositionError, PlanEditedWarning, PoorCompressionWarning
+from tucker_fx.passes.fold_bn import NOTES_KEY, FoldBatchNorm
 from tucker_fx.passes.lowering import LowerBlocks, LowerConvs, LowerMaxPools
 from tucker_fx.passes.merge_linear import MergeLinear
 from tucker_fx.passes.pool_first import PoolBeforeActivation
@@ -37,9 +39,15 @@ from tucker_fx.reporting.progress import Progress
 from tucker_fx.reporting.validation import ValidationReport, check_runnable_inputs, validate
 from tucker_fx.tuning.cache import TimingCache
 
-__all__ = ["CompressionResult", "compress", "apply_plan", "lower", "model_signature", "PLAN_META_KEY"]
+__all__ = ["CompressionResult", "compress", "apply_plan", "lower", "model_signature", "PLAN_META_KEY",
+           "CAPTURE_META_KEY", "POOR_SQNR_DB", "POOR_TOP1"]
 
 PLAN_META_KEY = "tucker_fx.plan"
+CAPTURE_META_KEY = "tucker_fx.capture"
+POOR_SQNR_DB = 6.0
+"""Below this SQNR (dB; rel. L2 error above 0.5) the compressed model is reported as poor."""
+POOR_TOP1 = 0.5
+"""Below this top-1 agreement with the original the compressed model is reported as poor."""
 
 
 @dataclass
@@ -49,7 +57,13 @@ class CompressionResult:
     ``compiled``: ``torch.compile(module)`` when ``TuckerConfig(inductor=True)``; ``exported``: the
     compressed model re-exported, when ``compress`` was given a ``torch.export.ExportedProgram``;
     ``config``: the config used; ``source``: what the original model looked like
-    (:func:`model_signature`), which ``tucker_fx.save`` records."""
+    (:func:`model_signature`), which ``tucker_fx.save`` records; ``capture``: how the model was
+    captured (``"symbolic_trace"``, ``"export"``, ``"graph_module"``, ``"exported_program"``; also
+    ``plan.capture``).
+
+    ``plan`` is yours to edit and re-apply (``apply_plan(model, result.plan, x)``); the result
+    keeps its own copy of the plan ``module`` was built with (:meth:`built_plan`), which
+    ``tucker_fx.save`` writes."""
 
     module: fx.GraphModule
     plan: Plan
@@ -60,10 +74,44 @@ class CompressionResult:
     exported: Optional[Any] = None  # a torch.export.ExportedProgram when one was compressed
     config: Optional[TuckerConfig] = None
     source: Optional[dict[str, Any]] = None
+    capture: Optional[str] = None
+    _built: Optional[dict[str, Any]] = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self._built is None:
+            self.keep_plan()
+
+    def keep_plan(self) -> None:
+        """Record ``plan`` as the plan ``module`` was built with (see :meth:`built_plan`)."""
+        self._built = self.plan.to_dict()
+
+    def built_plan(self) -> Plan:
+        """A copy of the plan ``module`` was built with, whatever edits ``plan`` has had since."""
+        return Plan.from_dict(self._built) if self._built is not None else copy.deepcopy(self.plan)
+
+    def plan_edits(self) -> list[str]:
+        """How ``plan`` differs from the plan ``module`` was built with (empty if it does not)."""
+        built, now = self._built or {}, self.plan.to_dict()
+        if built == now:
+            return []
+        before = {l["name"]: l for l in built.get("layers", [])}
+        after = {l["name"]: l for l in now.get("layers", [])}
+        edits = [f"layer {n!r} removed" for n in before if n not in after]
+        edits += [f"layer {n!r} added" for n in after if n not in before]
+        for n in before:
+            if n in after and before[n] != after[n]:
+                keys = [k for k in before[n] if before[n][k] != after[n].get(k)]
+                edits.append(f"layer {n!r}: " + ", ".join(f"{k} {before[n][k]!r} -> {after[n].get(k)!r}" for k in keys))
+        for key in ("notes", "capture", "version"):
+            if built.get(key) != now.get(key):
+                edits.append(f"{key} {built.get(key)!r} -> {now.get(key)!r}")
+        return edits
 
     @property
     def params_ratio(self) -> float:
-        return self.before.total_params / max(self.after.total_params, 1)
+        """Parameters the model's forward uses, before over after: modules that forward never
+        calls (``before.unused_params``) leave the compressed graph, and that is no compression."""
+        return self.before.used_params / max(self.after.used_params, 1)
 
     @property
     def flops_ratio(self) -> float:
@@ -73,12 +121,35 @@ class CompressionResult:
         lines = [
             self.plan.to_markdown(),
             "",
-            f"params {self.before.total_params:,} -> {self.after.total_params:,} (x{self.params_ratio:.2f}); "
+            f"params {self.before.used_params:,} -> {self.after.used_params:,} (x{self.params_ratio:.2f}); "
             f"FLOPs {self.before.total_flops:,} -> {self.after.total_flops:,} (x{self.flops_ratio:.2f})",
         ]
+        if self.before.unused_params:
+            lines.append(f"not counted above: {self.before.unused_params:,} parameters of modules that forward "
+                         f"does not call ({', '.join(self.before.unused[:5])}{', ...' if len(self.before.unused) > 5 else ''}); "
+                         "the compressed module does not hold them")
         if self.validation is not None:
             lines.append(f"validation: {self.validation}")
+            poor = _poor(self.validation)
+            if poor:
+                lines.append(f"WARNING: {poor}")
         return "\n".join(lines)
+
+
+def _poor(validation: ValidationReport) -> Optional[str]:
+    """Why the compressed model is of little use (SQNR or top-1 agreement too low), or ``None``."""
+    bad = []
+    if not math.isnan(validation.sqnr_db) and validation.sqnr_db < POOR_SQNR_DB:
+        bad.append(f"SQNR {validation.sqnr_db:.1f} dB (rel. L2 error {validation.rel_error:.3g})")
+    if validation.top1_agreement is not None and validation.top1_agreement < POOR_TOP1:
+        bad.append(f"top-1 agreement with the original {validation.top1_agreement:.0%}")
+    if not bad:
+        return None
+    return ("the compressed model is far from the original: " + ", ".join(bad) + " on the example inputs. "
+            "Try higher ranks (TuckerConfig(rank=0.5), a fraction of each layer's full rank, instead of "
+            "EVBMF's, which floors the ranks of lightly trained layers), exclude the layers with the largest "
+            "errors, or fine-tune the compressed model (tucker_fx.finetune(result.module, loader, "
+            "teacher=model)).")
 
 
 def _check_inputs(fn: str, model: Any, example_inputs: tuple) -> None:
@@ -191,20 +262,49 @@ def model_signature(model: nn.Module, example_inputs: tuple) -> dict[str, Any]:
     }
 
 
-def _analysed_copy(model: nn.Module, example_inputs: tuple) -> tuple[fx.GraphModule, CostReport]:
-    gm = capture(model, copy_weights=True)
-    propagate_shapes(gm, example_inputs)
-    return gm, annotate_costs(gm)
+def _analysed_copy(model: nn.Module, example_inputs: tuple, path: str = "auto", check: bool = True,
+                   verb: str = "compress") -> tuple[fx.GraphModule, CostReport, Captured]:
+    """Capture a copy of ``model`` (``symbolic_trace``, else ``torch.export``; checked against the
+    model when ``check``), with shapes and costs annotated."""
+    captured = capture_model(model, example_inputs, path=path, check=check, verb=verb)
+    captured.gm.meta[CAPTURE_META_KEY] = captured.path
+    return captured.gm, annotate_costs(captured.gm, model=model), captured
+
+
+def _capture_path(value: Any, verb: str) -> str:
+    if value not in ("auto",) + CAPTURE_PATHS:
+        raise ValueError(f"{verb}: capture must be 'auto', 'symbolic_trace' or 'export', got {value!r}")
+    return str(value)
 
 
 def _prepare(gm: fx.GraphModule, example_inputs: tuple, config: TuckerConfig) -> tuple[fx.GraphModule, Optional[fx.GraphModule]]:
-    """Keep a reference copy for validation, then fold BatchNorm and re-annotate."""
-    reference = copy.deepcopy(gm) if config.validate else None
+    """Fold BatchNorm and re-annotate, then keep a copy for the per-layer errors of validation
+    (folded too, so that each layer is compared with what it replaces)."""
     if config.fold_bn:
         gm = run_passes(gm, [FoldBatchNorm()])
         propagate_shapes(gm, example_inputs)
         annotate_costs(gm)
+    reference = copy.deepcopy(gm) if config.validate else None
     return gm, reference
+
+
+def _graph_notes(gm: fx.GraphModule, captured: Captured, config: TuckerConfig) -> list[str]:
+    """Plan notes on the capture and on BatchNorms that were not folded."""
+    notes = list(captured.notes)
+    if config.fold_bn:
+        notes += [n for n in gm.meta.get(NOTES_KEY, []) if "not folded" in n]
+        aten_bns = [n.name for n in gm.graph.nodes if n.op == "call_function" and "batch_norm" in str(n.target)]
+        if aten_bns:
+            notes.append(f"{len(aten_bns)} BatchNorm(s) not folded ({', '.join(aten_bns[:4])}"
+                         f"{', ...' if len(aten_bns) > 4 else ''}): they are aten.batch_norm calls in this graph "
+                         "(captured with torch.export); folding handles nn.BatchNorm modules only")
+    return notes
+
+
+def _warn_if_poor(validation: Optional[ValidationReport]) -> None:
+    poor = _poor(validation) if validation is not None else None
+    if poor:
+        warnings.warn(poor, PoorCompressionWarning, stacklevel=5)
 
 
 def _cache(config: TuckerConfig) -> Optional[TimingCache]:
@@ -213,7 +313,8 @@ def _cache(config: TuckerConfig) -> Optional[TimingCache]:
     return TimingCache(None if config.tuning_cache is True else config.tuning_cache)
 
 
-def _nothing_to_do(model: nn.Module, plan: Plan, example_inputs: tuple, config: TuckerConfig) -> CompressionResult:
+def _nothing_to_do(model: nn.Module, plan: Plan, example_inputs: tuple, config: TuckerConfig,
+                   path: str) -> CompressionResult:
     """No layer to decompose: the model as traced, with no pass applied (no BatchNorm folding,
     lowering or merge either), and a plan that says why."""
     if not plan.layers:
@@ -222,17 +323,18 @@ def _nothing_to_do(model: nn.Module, plan: Plan, example_inputs: tuple, config: 
     else:
         plan.notes.append("no layer is to be decomposed (each layer's reason is in its row); the model is "
                           "returned as traced, with no pass applied")
-    gm, report = _analysed_copy(model, example_inputs)
+    again = path if path in CAPTURE_PATHS else "auto"
+    gm, report, _ = _analysed_copy(model, example_inputs, path=again, check=False)
     gm.meta[PLAN_META_KEY] = plan
-    validation = validate(gm, gm, *example_inputs) if config.validate else None
+    validation = validate(model, gm, *example_inputs) if config.validate else None
     compiled = torch.compile(gm) if config.inductor else None
-    return CompressionResult(gm, plan, report, report, validation, compiled, config=config)
+    return CompressionResult(gm, plan, report, report, validation, compiled, config=config, capture=plan.capture)
 
 
 def _finish(model: nn.Module, gm: fx.GraphModule, reference: Optional[fx.GraphModule], plan: Plan,
             before: CostReport, example_inputs: tuple, config: TuckerConfig, progress: Progress) -> CompressionResult:
     if not plan.applied:
-        return _nothing_to_do(model, plan, example_inputs, config)
+        return _nothing_to_do(model, plan, example_inputs, config, str(plan.capture))
     rewrite = TuckerRewrite(plan, hooi_iters=config.hooi_iters, solver=config.tucker_solver, progress=progress)
     gm = run_passes(gm, [rewrite])
     propagate_shapes(gm, example_inputs)
@@ -254,10 +356,11 @@ def _finish(model: nn.Module, gm: fx.GraphModule, reference: Optional[fx.GraphMo
     propagate_shapes(gm, example_inputs)
     after = annotate_costs(gm)
     validation = None
-    if reference is not None:
-        validation = validate(reference, gm, *example_inputs, reference_graph=reference)
+    if reference is not None:  # against the user's model itself: a capture can be wrong
+        validation = validate(model, gm, *example_inputs, reference_graph=reference)
+        _warn_if_poor(validation)
     compiled = torch.compile(gm) if config.inductor else None
-    return CompressionResult(gm, plan, before, after, validation, compiled, config=config)
+    return CompressionResult(gm, plan, before, after, validation, compiled, config=config, capture=plan.capture)
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -276,12 +379,20 @@ def _keeps_global_rng(fn: _F) -> _F:
 
 
 @_keeps_global_rng
-def compress(model: nn.Module, *example_inputs: Any, config: Optional[TuckerConfig] = None) -> CompressionResult:
+def compress(model: nn.Module, *example_inputs: Any, config: Optional[TuckerConfig] = None,
+             capture: str = "auto") -> CompressionResult:
     """Tucker-decompose the conv/linear layers of ``model``; the model itself is not changed.
 
     ``model`` is an ``nn.Module``, an ``fx.GraphModule`` or a ``torch.export.ExportedProgram``
     (then the example inputs may be left out for ``ep.example_inputs``, and ``result.exported`` is
     the compressed program, re-exported with the program's dynamic dimensions).
+
+    An ``nn.Module`` is captured with ``torch.fx.symbolic_trace`` (layers named by module), and
+    with ``torch.export.export(model, inputs, strict=False)`` when tracing fails, or when the
+    traced graph does not compute what the model computes on the example inputs (checked when
+    ``config.validate``; a :class:`~tucker_fx.errors.CaptureWarning` then says so).
+    ``capture="symbolic_trace"`` or ``"export"`` forces one path. ``result.capture`` and
+    ``result.plan.capture`` say which was used. Validation compares with ``model`` itself.
 
     Example:
         >>> import torch, torch.nn as nn, tucker_fx
@@ -294,6 +405,8 @@ def compress(model: nn.Module, *example_inputs: Any, config: Optional[TuckerConf
         module, inputs = _unpack_exported("compress", model, example_inputs)
         result = compress(module, *inputs, config=config)
         _reexport(result, model, inputs)
+        result.capture = result.plan.capture = "exported_program"
+        result.keep_plan()
         return result
     _check_inputs("compress", model, example_inputs)
     config = config if config is not None else TuckerConfig()
@@ -301,26 +414,34 @@ def compress(model: nn.Module, *example_inputs: Any, config: Optional[TuckerConf
         raise TypeError(f"config must be a TuckerConfig, got {type(config).__name__}")
     if config.validate:
         check_runnable_inputs("compress", example_inputs)
+    path = _capture_path(capture, "compress")
     progress = Progress(config.progress)
-    gm, before = _analysed_copy(model, example_inputs)
+    gm, before, captured = _analysed_copy(model, example_inputs, path, config.validate, "compress")
     gm, reference = _prepare(gm, example_inputs, config)
     plan = build_plan(gm, config, progress)
+    plan.capture = captured.path
+    plan.notes[:0] = _graph_notes(gm, captured, config)
     result = _finish(model, gm, reference, plan, before, example_inputs, config, progress)
     result.source = model_signature(model, example_inputs)
+    result.keep_plan()
     return result
 
 
 @_keeps_global_rng
 def apply_plan(model: nn.Module, plan: Plan, *example_inputs: Any,
-               config: Optional[TuckerConfig] = None) -> CompressionResult:
+               config: Optional[TuckerConfig] = None, capture: str = "auto") -> CompressionResult:
     """Rebuild the compressed structure of ``plan`` (edited, or loaded with ``Plan.load``) on ``model``.
 
-    The plan's kinds and ranks are used as they are; its cost columns are recomputed.
+    The plan's kinds and ranks are used as they are; its cost columns are recomputed. The model
+    is captured as ``plan.capture`` says (layer names depend on it), else as ``compress`` does;
+    ``capture="symbolic_trace"`` or ``"export"`` overrides that.
     """
     if isinstance(model, torch.export.ExportedProgram):
         module, inputs = _unpack_exported("apply_plan", model, example_inputs)
         result = apply_plan(module, plan, *inputs, config=config)
         _reexport(result, model, inputs)
+        result.capture = result.plan.capture = "exported_program"
+        result.keep_plan()
         return result
     _check_inputs("apply_plan", model, example_inputs)
     if not isinstance(plan, Plan):
@@ -330,8 +451,11 @@ def apply_plan(model: nn.Module, plan: Plan, *example_inputs: Any,
         raise TypeError(f"config must be a TuckerConfig, got {type(config).__name__}")
     if config.validate:
         check_runnable_inputs("apply_plan", example_inputs)
+    path = _capture_path(capture, "apply_plan")
+    if path == "auto" and plan.capture in CAPTURE_PATHS:
+        path = str(plan.capture)
     progress = Progress(config.progress)
-    gm, before = _analysed_copy(model, example_inputs)
+    gm, before, captured = _analysed_copy(model, example_inputs, path, config.validate, "apply_plan")
     gm, reference = _prepare(gm, example_inputs, config)
     from tucker_fx.planning.planner import candidate_sites, check_plan_entry
 
@@ -369,20 +493,25 @@ def apply_plan(model: nn.Module, plan: Plan, *example_inputs: Any,
                 new.reason = old.reason
             new.lowering = old.lowering if old.lowering != "original" else None
             new.timings_ms = dict(old.timings_ms)
+    replanned.capture = captured.path
+    replanned.notes[:0] = _graph_notes(gm, captured, config)
     result = _finish(model, gm, reference, replanned, before, example_inputs, config, progress)
     result.source = model_signature(model, example_inputs)
+    result.keep_plan()
     return result
 
 
 @_keeps_global_rng
 def lower(model: nn.Module, *example_inputs: Any, tune: bool = True,
-          tuning_cache: "bool | str" = True, fold_bn: bool = True, merge: bool = True) -> fx.GraphModule:
+          tuning_cache: "bool | str" = True, fold_bn: bool = True, merge: bool = True,
+          capture: str = "auto") -> fx.GraphModule:
     """The same lowering passes as ``compress``, without decomposition: the fair baseline.
 
     BatchNorm folding, each conv's fastest variant (direct, channels_last, FFT; chosen by
     measurement or by the cost model), max-pooling moved before monotone activations, and the
     merge of adjacent linear maps. The choices are in
-    ``gm.meta["tucker_fx.lowering"]``.
+    ``gm.meta["tucker_fx.lowering"]``; how the model was captured (as in ``compress``, but the
+    trace is not run against the model: nothing of the model runs) in ``gm.meta["tucker_fx.capture"]``.
 
     Example:
         >>> import torch, torch.nn as nn, tucker_fx
@@ -394,12 +523,15 @@ def lower(model: nn.Module, *example_inputs: Any, tune: bool = True,
     if isinstance(model, torch.export.ExportedProgram):
         model, example_inputs = _unpack_exported("lower", model, example_inputs)
     _check_inputs("lower", model, example_inputs)
+    path = _capture_path(capture, "lower")
     config = TuckerConfig(tune=tune, tuning_cache=tuning_cache, fold_bn=fold_bn, merge=merge, validate=False)
-    gm, _ = _analysed_copy(model, example_inputs)
+    # not checked against the model (lower runs nothing of it); a trace that fails is still exported
+    gm, _, captured = _analysed_copy(model, example_inputs, path, False, "lower")
     gm, _ = _prepare(gm, example_inputs, config)
     cache = _cache(config) if tune else None
     lowering = LowerConvs(tune=tune, cache=cache, repeats=config.tuning_repeats)
     pools = LowerMaxPools(tune=tune, cache=cache, repeats=config.tuning_repeats)
     gm = run_passes(gm, [lowering, PoolBeforeActivation(), pools] + ([MergeLinear()] if merge else []))
     gm.meta["tucker_fx.lowering"] = lowering.choices
+    gm.meta[CAPTURE_META_KEY] = captured.path
     return gm

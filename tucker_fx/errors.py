@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-__all__ = ["UntraceableModelError", "ShapePropagationError", "DecompositionError"]
+__all__ = ["UntraceableModelError", "ShapePropagationError", "DecompositionError", "TuckerWarning",
+           "CaptureWarning", "PoorCompressionWarning", "PlanEditedWarning"]
 
 
 class UntraceableModelError(ValueError):
-    """``torch.fx.symbolic_trace`` failed; the message names the construct and the remedies."""
+    """No capture path worked (``torch.fx.symbolic_trace``, ``torch.export``); the message names each
+    path's failure, the construct, and the remedies."""
 
 
 class ShapePropagationError(ValueError):
@@ -15,3 +17,19 @@ class ShapePropagationError(ValueError):
 
 class DecompositionError(ValueError):
     """A layer cannot be decomposed (NaN/Inf weights, bad ranks); the message names it."""
+
+
+class TuckerWarning(UserWarning):
+    """Base class of the warnings tucker_fx gives."""
+
+
+class CaptureWarning(TuckerWarning):
+    """``symbolic_trace`` computed something else than the model; it was captured with ``torch.export``."""
+
+
+class PoorCompressionWarning(TuckerWarning):
+    """The compressed model is far from the original (low SQNR or top-1 agreement)."""
+
+
+class PlanEditedWarning(TuckerWarning):
+    """``result.plan`` was edited after compressing: ``save`` writes the plan the module was built with."""

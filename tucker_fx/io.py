@@ -2,7 +2,8 @@
 
 A saved model is a directory with two files:
 
-- ``tucker_fx.json``: the format version, the plan, the config fields that shape the compressed
+- ``tucker_fx.json``: the format version, how the model was captured (``capture``:
+  ``symbolic_trace`` or ``export``, as in ``result.capture``), the plan, the config fields that shape the compressed
   graph (``fold_bn``, ``lowering``, ``merge``), a description of the original model (its
   tensors' names, shapes and dtypes, and which submodules were in training mode), the example
   inputs' shapes, the compressed graph's structure (one line per node: op, target, the class and
@@ -13,7 +14,8 @@ A saved model is a directory with two files:
 
 Nothing executable is stored: :func:`load` rebuilds the compressed graph by re-applying the plan
 to a copy of a fresh instance of the original architecture (``tucker_fx.apply_plan``, no
-validation, the lowering the plan records), compares what it built with what was saved, and then
+validation, the lowering the plan records, captured the way it was when saved: a model that
+needed ``torch.export`` is exported again on the example inputs), compares what it built with what was saved, and then
 loads the weights strictly. The model passed to ``load`` is never modified, and ``load`` returns
 nothing on error. The manifest, the weights file and the model's tensors are checked before
 anything is built (another format or plan version, a damaged or edited file, missing, extra or
@@ -48,6 +50,7 @@ import re
 import tempfile
 import types
 import typing
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Union
 
@@ -58,7 +61,8 @@ from torch.utils._pytree import tree_flatten
 
 from tucker_fx.api import PLAN_META_KEY, CompressionResult, apply_plan, model_signature
 from tucker_fx.config import TuckerConfig
-from tucker_fx.planning.plan import LayerPlan, Plan
+from tucker_fx.errors import PlanEditedWarning
+from tucker_fx.planning.plan import CAPTURES, LayerPlan, Plan
 
 __all__ = ["save", "load", "FORMAT_VERSION", "READABLE_VERSIONS", "MANIFEST_NAME", "WEIGHTS_NAME"]
 
@@ -217,6 +221,10 @@ def save(result: CompressionResult, path: PathLike) -> Path:
     directory holds the new weights with the old manifest, which ``load`` refuses (SHA-256
     mismatch) until ``save`` is run again. Returns the directory.
 
+    The plan written is the one ``result.module`` was built with (``result.built_plan()``): if
+    ``result.plan`` was edited since, a :class:`~tucker_fx.errors.PlanEditedWarning` lists the
+    edits (apply them with ``tucker_fx.apply_plan(model, result.plan, x)`` and save that result).
+
     Example:
         >>> import tempfile, torch, torch.nn as nn, tucker_fx
         >>> r = tucker_fx.compress(nn.Linear(16, 16), torch.randn(2, 16),
@@ -241,6 +249,15 @@ def save(result: CompressionResult, path: PathLike) -> Path:
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"save: expected a directory path, got the existing file {str(directory)!r}")
     structure = _structure(result.module)
+    plan = result.built_plan()
+    edits = result.plan_edits()
+    if edits:
+        warnings.warn(
+            "save: result.plan was edited after it was built (" + "; ".join(edits[:_LIST_AT_MOST])
+            + (f"; and {len(edits) - _LIST_AT_MOST} more" if len(edits) > _LIST_AT_MOST else "")
+            + "); saving the plan result.module was built with. To use the edited plan: "
+            "tucker_fx.apply_plan(model, result.plan, x), then save that result",
+            PlanEditedWarning, stacklevel=2)
     directory.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach() for k, v in state.items()}
     requires_grad = {k: bool(p.requires_grad) for k, p in result.module.named_parameters(remove_duplicate=False)}
@@ -250,9 +267,10 @@ def save(result: CompressionResult, path: PathLike) -> Path:
         "format_version": FORMAT_VERSION,
         "tucker_fx_version": _package_version(),
         "torch_version": torch.__version__,
+        "capture": result.capture,
         "config": {name: getattr(result.config, name) for name in _STRUCTURAL_FIELDS},
         "source": result.source,
-        "plan": result.plan.to_dict(),
+        "plan": plan.to_dict(),
         "structure": {"nodes": structure},
         "weights": {
             "file": WEIGHTS_NAME,
@@ -376,6 +394,8 @@ def _check_manifest(manifest: dict[str, Any], version: int) -> None:
     _tensor_descriptions(source["inputs"], "source.inputs", listed=True)
 
     _check_plan_fields(_object(manifest["plan"], "plan"))
+    for where, value in (("capture", manifest.get("capture")), ("plan.capture", manifest["plan"].get("capture"))):
+        _need(value is None or value in CAPTURES, where, f"one of {list(CAPTURES)} or null", value)
 
     weights = _object(manifest["weights"], "weights", ("file", "sha256", "tensors"))
     file = weights["file"]
@@ -530,7 +550,10 @@ def load(path: PathLike, model: nn.Module, *example_inputs: Any) -> CompressionR
     the plan records it; submodules in the training mode they had when compressed), the rebuilt
     graph is compared node by node with the saved one, then the saved weights are loaded
     strictly. ``example_inputs`` as for ``compress``; inputs of the shapes used when saving
-    (``source.inputs`` in ``tucker_fx.json``) rebuild the same graph. Returns a
+    (``source.inputs`` in ``tucker_fx.json``) rebuild the same graph. The model is captured as
+    it was when compressed (``capture`` in ``tucker_fx.json``): one that needed ``torch.export``
+    is exported again, on these inputs; pass the same architecture as a plain ``nn.Module`` (or,
+    for a result of ``compress(ep)``, ``ep.module()``). Returns a
     ``CompressionResult`` with the saved plan and ``validation=None``.
 
     Raises ``ValueError`` naming the mismatch for another architecture (other tensors, or the same
@@ -557,6 +580,8 @@ def load(path: PathLike, model: nn.Module, *example_inputs: Any) -> CompressionR
     manifest = _read_manifest(directory)
     file = directory / MANIFEST_NAME
     plan = _read_plan(file, manifest["plan"])
+    if plan.capture is None and manifest.get("capture") is not None:
+        plan.capture = manifest["capture"]
     source = manifest["source"]
     _check_model(model, source, len(example_inputs))
     state = _read_weights(directory, manifest)
@@ -578,6 +603,8 @@ def load(path: PathLike, model: nn.Module, *example_inputs: Any) -> CompressionR
         p.requires_grad_(recorded[name]["requires_grad"] if name in recorded else True)
     gm.meta[PLAN_META_KEY] = plan
     result.plan, result.validation, result.source = plan, None, source
+    result.capture = plan.capture
+    result.keep_plan()
     return result
 
 

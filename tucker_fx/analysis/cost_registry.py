@@ -28,6 +28,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tucker_fx.analysis.shapes import shape_of
 from tucker_fx.analysis.sites import Site
 
 __all__ = [
@@ -37,6 +38,9 @@ __all__ = [
     "REGISTRY",
     "conv_macs",
     "linear_macs",
+    "einsum_macs",
+    "sdpa_macs",
+    "mha_macs",
     "batched",
     "FREE",
     "ELEMENTWISE",
@@ -166,6 +170,16 @@ def linear_macs(in_shape: tuple[int, ...], out_features: int) -> int:
     return math.prod(in_shape) * out_features
 
 
+def _shape_arg(node: fx.Node, index: int, name: str) -> tuple[int, ...]:
+    """The propagated shape of argument ``index`` (or keyword ``name``) of ``node``."""
+    arg = node.args[index] if len(node.args) > index else node.kwargs.get(name)
+    shape = shape_of(arg)
+    if shape is None:
+        raise ValueError(f"expected a tensor with a propagated shape as argument {name!r} of "
+                         f"{node.format_node()}, got {arg!r}")
+    return shape
+
+
 def _site_cost(ctx: CostContext) -> OpCost:
     site = ctx.site
     if site is None or ctx.out_shape is None:
@@ -184,7 +198,7 @@ REGISTRY.register(
     nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
     nn.Linear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d,
     F.conv_transpose3d, F.linear, aten.convolution, aten._convolution, aten.conv1d, aten.conv2d,
-    aten.conv3d, aten.linear,
+    aten.conv3d, aten.conv_transpose1d, aten.conv_transpose2d, aten.conv_transpose3d, aten.linear,
 )(_site_cost)
 
 
@@ -208,14 +222,210 @@ def _addmm(ctx: CostContext) -> OpCost:
     return OpCost("matmul", macs=_matmul_macs(a, b, ctx.out_shape))
 
 
-@REGISTRY.register(F.scaled_dot_product_attention, aten.scaled_dot_product_attention)
-def _sdpa(ctx: CostContext) -> OpCost:
-    q, k, v = ctx.in_shapes[0], ctx.in_shapes[1], ctx.in_shapes[2]
-    assert q is not None and k is not None and v is not None
+@REGISTRY.register(torch.mv, "method:mv", aten.mv, torch.dot, "method:dot", aten.dot)
+def _matvec(ctx: CostContext) -> OpCost:
+    """Matrix-vector and dot products: their multiply-adds (FlopCounterMode has no formula for
+    ``aten.mv``/``aten.dot`` and reports 0; see docs/analysis.md)."""
+    a = _shape_arg(ctx.node, 0, "input")
+    return OpCost("matmul", macs=math.prod(a))
+
+
+def sdpa_macs(q: tuple[int, ...], k: tuple[int, ...], v: tuple[int, ...]) -> int:
+    """MACs of attention's two matmuls, ``Q K^T`` and ``softmax(.) V``: half of FlopCounterMode's
+    ``sdpa_flop_count`` (GQA included: the query's heads count).
+
+    >>> sdpa_macs((1, 2, 5, 4), (1, 2, 7, 4), (1, 2, 7, 3))
+    490
+    """
     lead = math.prod(q[:-2])
-    scores = lead * q[-2] * k[-2] * q[-1]
-    mix = lead * q[-2] * k[-2] * v[-1]
-    return OpCost("attention", macs=scores + mix, other_flops=3 * lead * q[-2] * k[-2])
+    return lead * q[-2] * k[-2] * (q[-1] + v[-1])
+
+
+@REGISTRY.register(F.scaled_dot_product_attention, aten.scaled_dot_product_attention,
+                   aten._scaled_dot_product_flash_attention_for_cpu, aten._scaled_dot_product_flash_attention,
+                   aten._scaled_dot_product_efficient_attention, aten._scaled_dot_product_cudnn_attention,
+                   aten._scaled_dot_product_attention_math)
+def _sdpa(ctx: CostContext) -> OpCost:
+    """Counted as its two matmuls on every device (FlopCounterMode's CUDA count; on CPU it
+    reports 0, see docs/analysis.md); the softmax is an estimate in ``other_flops``."""
+    q, k, v = (_shape_arg(ctx.node, i, name) for i, name in enumerate(("query", "key", "value")))
+    lead = math.prod(q[:-2])
+    return OpCost("attention", macs=sdpa_macs(q, k, v), other_flops=3 * lead * q[-2] * k[-2])
+
+
+def _mha_dims(shape: tuple[int, ...], batch_first: bool) -> tuple[int, int]:
+    """(batch, sequence length) of a MultiheadAttention input (unbatched inputs are 2-D)."""
+    if len(shape) == 2:
+        return 1, shape[0]
+    return (shape[0], shape[1]) if batch_first else (shape[1], shape[0])
+
+
+def mha_macs(n: int, l: int, s: int, e: int, kdim: int, vdim: int, extra_keys: int = 0) -> int:
+    """MACs of multi-head attention: the q/k/v projections, ``Q K^T``, ``softmax(.) V`` and the
+    output projection (``n`` batch, ``l`` queries, ``s`` keys, ``e`` embed dim; ``extra_keys``
+    appended after the projections: ``add_bias_kv``, ``add_zero_attn``).
+
+    >>> mha_macs(1, 5, 5, 8, 8, 8)
+    1680
+    """
+    return n * (l * e * e + s * kdim * e + s * vdim * e + 2 * l * (s + extra_keys) * e + l * e * e)
+
+
+@REGISTRY.register(nn.MultiheadAttention)
+def _mha_module(ctx: CostContext) -> OpCost:
+    """``nn.MultiheadAttention`` kept whole (a leaf of symbolic_trace)."""
+    mod = ctx.module
+    if not isinstance(mod, nn.MultiheadAttention):
+        raise TypeError(f"expected nn.MultiheadAttention at {ctx.node.format_node()}, got {type(mod).__name__}")
+    q, k = _shape_arg(ctx.node, 0, "query"), _shape_arg(ctx.node, 1, "key")
+    n, l = _mha_dims(q, mod.batch_first)
+    s = _mha_dims(k, mod.batch_first)[1]
+    extra = int(mod.bias_k is not None) + int(mod.add_zero_attn)
+    macs = mha_macs(n, l, s, mod.embed_dim, mod.kdim, mod.vdim, extra)
+    return OpCost("attention", macs=macs, other_flops=3 * n * mod.num_heads * l * (s + extra))
+
+
+@REGISTRY.register(torch._native_multi_head_attention, aten._native_multi_head_attention)
+def _native_mha(ctx: CostContext) -> OpCost:
+    """The fused op of MultiheadAttention's inference fast path: (query, key, value, embed_dim,
+    num_heads, ...), batch first."""
+    q, k = _shape_arg(ctx.node, 0, "query"), _shape_arg(ctx.node, 1, "key")
+    e, heads = int(ctx.node.args[3]), int(ctx.node.args[4])
+    n, l = _mha_dims(q, True)
+    s = _mha_dims(k, True)[1]
+    return OpCost("attention", macs=mha_macs(n, l, s, e, e, e), other_flops=3 * n * heads * l * s)
+
+
+# --- einsum: the pairwise contractions torch performs ------------------------------------------
+
+_Label = Union[str, tuple[str, int]]
+
+
+def _einsum_terms(equation: str, shapes: list[tuple[int, ...]]) -> tuple[list[dict[_Label, int]], set[_Label]]:
+    """Each operand as {label: size} (ellipsis dims as ``("...", i)``, counted from the right so
+    they broadcast), and the output's labels (explicit, or implicit: labels seen once, and ...)."""
+    eq = equation.replace(" ", "")
+    lhs, arrow, rhs = eq.partition("->")
+    terms = lhs.split(",")
+    if len(terms) != len(shapes):
+        raise ValueError(f"einsum {equation!r}: expected {len(terms)} operands, got {len(shapes)} shapes")
+    ops: list[dict[_Label, int]] = []
+    seen: dict[_Label, int] = {}
+    ellipsis: set[_Label] = set()
+    for term, shape in zip(terms, shapes):
+        letters = term.replace("...", "")
+        n_ell = len(shape) - len(letters)
+        labels: list[_Label] = []
+        for part_index, part in enumerate(term.split("...")):
+            if part_index == 1:
+                labels += [("...", n_ell - i) for i in range(n_ell)]
+            labels += list(part)
+        sizes: dict[_Label, int] = {}
+        for label, size in zip(labels, shape):
+            sizes[label] = max(sizes.get(label, 1), int(size))  # a repeated label: its diagonal
+            if isinstance(label, tuple):
+                ellipsis.add(label)
+            else:
+                seen[label] = seen.get(label, 0) + 1
+        ops.append(sizes)
+    if arrow:
+        out: set[_Label] = set(rhs.replace("...", "")) | (ellipsis if "..." in rhs else set())
+    else:
+        out = {label for label, count in seen.items() if count == 1} | ellipsis
+    return ops, out
+
+
+def einsum_macs(equation: str, shapes: list[tuple[int, ...]], path: Optional[list[int]] = None) -> int:
+    """MACs of ``torch.einsum(equation, *operands of these shapes)``, contraction by contraction
+    as ATen does it: an index that only one operand holds (and the output does not) is summed
+    out first; a pair that shares a contracted index is a ``bmm`` costing the product of the
+    sizes of all its indices; a pair that shares none is a ``mul`` (no MACs, as FlopCounterMode).
+    Operands are contracted left to right, or in the pairs of ``path`` (opt_einsum's format,
+    flattened: what ``torch.einsum`` passes when opt_einsum is installed and enabled).
+
+    >>> einsum_macs("bhid,bhjd->bhij", [(1, 2, 5, 4), (1, 2, 6, 4)])
+    240
+    >>> einsum_macs("i,j->ij", [(3,), (4,)])
+    0
+    """
+    ops, out = _einsum_terms(equation, shapes)
+    if len(ops) < 2:
+        return 0
+    contracted = {label for op in ops for label in op} - out
+    holders = {label: sum(op.get(label, 1) != 1 for op in ops) for label in contracted}
+    pairs = [(path[i], path[i + 1]) for i in range(0, len(path), 2)] if path else None
+    macs = 0
+    while len(ops) > 1:
+        i, j = sorted(pairs.pop(0)) if pairs else (0, 1)
+        a, b = ops[i], ops[j]
+        del ops[j], ops[i]
+        contract_now: set[_Label] = set()
+        for label in contracted:
+            sa, sb = a.get(label, 1), b.get(label, 1)
+            if sa != 1 and sb != 1:
+                holders[label] -= 1
+                if holders[label] == 1:  # no other operand holds it: contracted by this bmm
+                    contract_now.add(label)
+                    holders[label] = 0
+            elif holders[label] == 1 and (sa != 1 or sb != 1):  # only one of the two: summed out first
+                holders[label] = 0
+                a.pop(label, None)
+                b.pop(label, None)
+        merged = {label: max(a.get(label, 1), b.get(label, 1)) for label in {*a, *b}}
+        if contract_now:  # a bmm of (shared, left-only, contracted) x (shared, contracted, right-only)
+            macs += math.prod(merged.values())
+        result = {label: size for label, size in merged.items() if label not in contract_now}
+        if pairs is None:
+            ops.insert(0, result)
+        else:
+            ops.append(result)
+    return macs
+
+
+def _einsum_args(node: fx.Node) -> tuple[str, list[Any], Optional[list[int]]]:
+    """(equation, operand nodes, path) of a ``torch.einsum`` or ``aten.einsum`` node, the
+    sublist format (``einsum(a, [0, 1], b, [1, 2], [0, 2])``) turned into an equation."""
+    args = list(node.args)
+    if isinstance(args[0], str):
+        if len(args) >= 2 and isinstance(args[1], (list, tuple)):  # einsum(eq, [ops]), aten.einsum(eq, ops, path)
+            path = args[2] if len(args) > 2 else node.kwargs.get("path")
+            return args[0], list(args[1]), list(path) if path else None
+        return args[0], args[1:], None
+
+    def letters(sub: Any) -> str:
+        return "".join("..." if s is Ellipsis else chr(ord("a") + int(s)) if int(s) < 26
+                       else chr(ord("A") + int(s) - 26) for s in sub)
+
+    operands, terms = args[0::2], [letters(sub) for sub in args[1::2]]
+    output = None
+    if len(operands) > len(terms):  # a trailing output sublist
+        output, operands = letters(operands[-1]), operands[:-1]
+    return ",".join(terms) + (f"->{output}" if output is not None else ""), operands, None
+
+
+def _opt_einsum_path(equation: str, shapes: list[tuple[int, ...]]) -> Optional[list[int]]:
+    """The path ``torch.einsum`` itself would take for a traced call (None: left to right)."""
+    if len(shapes) < 3 or not (torch.backends.opt_einsum.is_available() and torch.backends.opt_einsum.enabled):
+        return None
+    opt_einsum = torch.backends.opt_einsum.get_opt_einsum()
+    pairs = opt_einsum.contract_path(equation, *shapes, shapes=True,
+                                     optimize=torch.backends.opt_einsum.strategy)[0]
+    return [i for pair in pairs for i in pair]
+
+
+@REGISTRY.register(torch.einsum, aten.einsum)
+def _einsum(ctx: CostContext) -> OpCost:
+    equation, operands, path = _einsum_args(ctx.node)
+    shapes = []
+    for i, operand in enumerate(operands):
+        shape = shape_of(operand)
+        if shape is None:
+            raise ValueError(f"einsum operand {i} of {ctx.node.format_node()} has no propagated shape; "
+                             "expected shape propagation to have run")
+        shapes.append(shape)
+    if path is None and ctx.node.target is torch.einsum:
+        path = _opt_einsum_path(equation, shapes)
+    return OpCost("einsum", macs=einsum_macs(equation, shapes, path), other_flops=ctx.out_numel)
 
 
 # --- ops outside FlopCounterMode's scope: estimates in other_flops -----------------------------
@@ -237,6 +447,10 @@ FREE: tuple[Key, ...] = (
     aten.clone, aten.expand, aten.cat, aten.stack, aten.unsqueeze, aten.squeeze, aten.slice,
     aten.select, aten.split, aten.split_with_sizes, aten.flatten, aten.alias, aten.detach,
     aten.dropout, aten.constant_pad_nd, aten._to_copy, aten.unbind, aten.sym_size,
+    aten.contiguous, aten._assert_tensor_metadata, aten.lift_fresh_copy, aten.to, aten.zeros,
+    aten.ones, aten.full, aten.empty, aten.new_zeros, aten.new_ones, aten.new_empty, aten.repeat,
+    aten.unflatten, aten.pad, aten.fill_, aten.index, aten.expand_as, aten.arange, aten.zeros_like,
+    aten.ones_like, aten.roll, aten.copy_, aten.scalar_tensor,
 )
 
 ELEMENTWISE: tuple[Key, ...] = (
@@ -251,7 +465,11 @@ ELEMENTWISE: tuple[Key, ...] = (
     "method:clamp", "method:exp", "method:sqrt", "method:neg", "method:pow", "method:abs",
     aten.relu, aten.gelu, aten.silu, aten.sigmoid, aten.tanh, aten.add, aten.sub, aten.mul,
     aten.div, aten.exp, aten.neg, aten.clamp, aten.rsqrt, aten.sqrt, aten.where,
-    aten.hardtanh,
+    aten.hardtanh, aten.add_, aten.mul_, aten.sub_, aten.div_, aten.relu_, aten.leaky_relu,
+    aten.leaky_relu_, aten.prelu, aten._prelu_kernel, aten.elu, aten.hardswish, aten.softplus,
+    aten.mish, aten.pow, aten.abs, aten.log, aten.erf, aten.hardtanh_, aten.silu_, aten.sigmoid_,
+    aten.tanh_, aten.clamp_min, aten.clamp_max, aten.minimum, aten.maximum, aten.eq, aten.ne,
+    aten.lt, aten.gt, aten.le, aten.ge, aten.logical_not, aten.masked_fill,
 )
 
 
@@ -288,7 +506,7 @@ def _batch_norm(ctx: CostContext) -> OpCost:
 @REGISTRY.register(nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
                    nn.InstanceNorm3d, nn.RMSNorm, F.layer_norm, F.group_norm, F.instance_norm,
                    F.rms_norm, aten.layer_norm, aten.group_norm, aten.native_layer_norm,
-                   aten.native_group_norm)
+                   aten.native_group_norm, aten.instance_norm, aten.rms_norm)
 def _norm(ctx: CostContext) -> OpCost:
     return OpCost("norm", other_flops=5 * ctx.in_numel)  # mean, var, normalise, scale, shift
 

@@ -28,7 +28,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from tucker_fx.analysis.capture import capture
+from tucker_fx.analysis.capture import capture, capture_model
 from tucker_fx.analysis.cost_registry import REGISTRY, CostContext, CostRegistry, OpCost
 from tucker_fx.analysis.shapes import propagate_shapes, shape_of
 from tucker_fx.analysis.sites import site_of
@@ -59,7 +59,12 @@ class NodeCost:
 
 @dataclass
 class CostReport:
-    """Per-node costs and totals of one graph. ``total_flops`` = 2 x ``total_macs``."""
+    """Per-node costs and totals of one graph. ``total_flops`` = 2 x ``total_macs``.
+
+    ``total_params`` counts every parameter of the model once (``sum(p.numel() for p in
+    model.parameters())``), used by the graph or not; ``unused_params`` of them belong to no
+    graph node (a module forward does not call), named in ``unused``.
+    """
 
     rows: list[NodeCost]
     total_macs: int
@@ -67,6 +72,13 @@ class CostReport:
     other_flops: int
     total_params: int
     unsupported: list[str] = field(default_factory=list)
+    unused_params: int = 0
+    unused: list[str] = field(default_factory=list)
+
+    @property
+    def used_params(self) -> int:
+        """Parameters the graph reaches: ``total_params - unused_params``."""
+        return self.total_params - self.unused_params
 
     def row(self, name: str) -> NodeCost:
         """The row of a node name or a module qualified name."""
@@ -117,6 +129,9 @@ class CostReport:
         )
         text = "\n".join(lines)
         text += "\n\nFLOPs = 2 x MACs of conv/linear/matmul, bias excluded (FlopCounterMode's convention); other FLOPs are estimates."
+        if self.unused:
+            text += (f"\nParams include {self.unused_params:,} that no node uses (modules forward does not call): "
+                     + ", ".join(self.unused))
         if self.unsupported:
             text += "\nNo cost formula for: " + ", ".join(self.unsupported)
         return text
@@ -160,10 +175,71 @@ def _param_ids(node: fx.Node, gm: fx.GraphModule, module: Optional[nn.Module]) -
     return params
 
 
-def annotate_costs(gm: fx.GraphModule, registry: CostRegistry = REGISTRY) -> CostReport:
+def _param_names(module: nn.Module) -> list[tuple[nn.Parameter, list[str]]]:
+    """Every parameter of ``module`` once, with all its qualified names (tied weights have several)."""
+    names: dict[int, tuple[nn.Parameter, list[str]]] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), (p, []))[1].append(name)
+    return list(names.values())
+
+
+def _graph_params(gm: fx.GraphModule) -> tuple[set[int], set[str]]:
+    """Ids and qualified names of the parameters that ``gm``'s graph uses: those of called
+    modules and of ``get_attr`` nodes that have users (torch.export's unlifted modules fetch
+    every parameter, used or not, with a ``get_attr``)."""
+    ids: set[int] = set()
+    names: set[str] = set()
+    for node in gm.graph.nodes:
+        if node.op == "call_module" or (node.op == "get_attr" and node.users):
+            target = str(node.target)
+            try:
+                obj: Any = gm.get_submodule(target) if node.op == "call_module" else _attr(gm, target)
+            except AttributeError:
+                continue
+            if isinstance(obj, nn.Parameter):
+                ids.add(id(obj))
+                names.add(target)
+            elif isinstance(obj, nn.Module):
+                for name, p in obj.named_parameters(remove_duplicate=False):
+                    ids.add(id(p))
+                    names.add(f"{target}.{name}")
+    return ids, names
+
+
+def _attr(root: nn.Module, target: str) -> Any:
+    obj: Any = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _unused_params(gm: fx.GraphModule, model: nn.Module) -> list[tuple[str, int]]:
+    """(name, numel) of each parameter of ``model`` that no node of ``gm`` uses.
+
+    A node uses a parameter when it is the same tensor (a capture without copy) or sits at the
+    same qualified name (a deep copy); a bare leaf module is traced wrapped as ``Sequential``
+    child ``0``, so its names carry that prefix in ``gm``.
+    """
+    used_ids, used_names = _graph_params(gm)
+    wrapped = (model is not gm and not isinstance(model, fx.GraphModule)
+               and "0" not in dict(model.named_children()) and isinstance(getattr(gm, "0", None), type(model)))
+    unused = []
+    for p, names in _param_names(model):
+        if id(p) in used_ids or any(n in used_names or (wrapped and f"0.{n}" in used_names) for n in names):
+            continue
+        unused.append((names[0], p.numel()))
+    return unused
+
+
+def annotate_costs(
+    gm: fx.GraphModule, registry: CostRegistry = REGISTRY, *, model: Optional[nn.Module] = None
+) -> CostReport:
     """Analysis pass: write :class:`NodeCost` records into ``node.meta`` and report them.
 
-    Needs ``node.meta["tensor_meta"]`` (run :func:`propagate_shapes` first).
+    Needs ``node.meta["tensor_meta"]`` (run :func:`propagate_shapes` first). ``model`` is the
+    module ``gm`` was captured from (default ``gm`` itself): the parameter totals count all of
+    its parameters, and report those ``gm`` does not hold as unused (``fx.GraphModule`` keeps
+    only the submodules and attributes its graph references).
     """
     rows: list[NodeCost] = []
     unsupported: list[str] = []
@@ -199,9 +275,12 @@ def annotate_costs(gm: fx.GraphModule, registry: CostRegistry = REGISTRY) -> Cos
         rows.append(record)
         total_macs += cost.macs
         other += cost.other_flops
-    # ... but counts once in the total: every parameter of the module, used or not
-    total_params = sum(p.numel() for p in gm.parameters())
-    return CostReport(rows, total_macs, 2 * total_macs, other, total_params, unsupported)
+    # ... but counts once in the total: every parameter of the model, used or not
+    source = gm if model is None else model
+    total_params = sum(p.numel() for p in source.parameters())
+    unused = _unused_params(gm, source)
+    return CostReport(rows, total_macs, 2 * total_macs, other, total_params, unsupported,
+                      unused_params=sum(n for _, n in unused), unused=[name for name, _ in unused])
 
 
 def analyze(
@@ -212,9 +291,10 @@ def analyze(
 ) -> CostReport:
     """Per-node shapes, MACs, FLOPs and parameters of ``model`` on ``example_inputs``.
 
-    ``model`` is an ``nn.Module`` (traced with ``torch.fx.symbolic_trace``) or an
-    ``fx.GraphModule``; it is never modified. Inputs may be real or ``meta`` tensors:
-    nothing is computed.
+    ``model`` is an ``nn.Module`` (captured with ``torch.fx.symbolic_trace``, else with
+    ``torch.export.export(strict=False)``, as ``compress`` does), an ``fx.GraphModule`` or an
+    ``ExportedProgram``; it is never modified. Inputs may be real or ``meta`` tensors: the
+    model's forward is not run (export runs it on fake tensors).
 
     Example:
         >>> import torch, torch.nn as nn, tucker_fx
@@ -222,12 +302,19 @@ def analyze(
         >>> r.total_macs, r.total_flops, r.total_params
         (194400, 388800, 224)
     """
+    if isinstance(model, torch.export.ExportedProgram):
+        model = model.module()
     if not isinstance(model, nn.Module):
         raise TypeError(
-            f"analyze expects a torch.nn.Module or fx.GraphModule, got {type(model).__name__}"
+            f"analyze expects a torch.nn.Module, fx.GraphModule or torch.export.ExportedProgram, "
+            f"got {type(model).__name__}"
         )
     if not example_inputs:
         raise ValueError("analyze needs example inputs, e.g. analyze(model, torch.empty(1, 3, 224, 224))")
-    gm = capture(model, concrete_args=concrete_args, leaf_modules=leaf_modules)
-    propagate_shapes(gm, example_inputs)
-    return annotate_costs(gm)
+    if concrete_args is None and not tuple(leaf_modules):
+        # symbolic_trace, else torch.export; not run against the model (analysis computes nothing)
+        gm = capture_model(model, example_inputs, check=False, verb="analyze").gm
+    else:
+        gm = capture(model, concrete_args=concrete_args, leaf_modules=leaf_modules)
+        propagate_shapes(gm, example_inputs)
+    return annotate_costs(gm, model=model)

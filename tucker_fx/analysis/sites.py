@@ -3,8 +3,8 @@
 A *site* is a node that applies a weight tensor: ``call_module`` on ``nn.ConvNd`` /
 ``nn.Linear``, ``call_function`` on ``F.conv3d`` / ``torch.conv3d`` / ``F.linear``, or the
 aten overloads seen under ``torch.export`` (``aten.convolution``, ``aten.conv3d``,
-``aten.linear``). Everything downstream (cost formulas, planning, rewriting) reads a
-:class:`Site` and never looks at the spelling again.
+``aten.linear``, ``aten.conv_transpose3d``). Everything downstream (cost formulas, planning,
+rewriting) reads a :class:`Site` and never looks at the spelling again.
 
 Example:
     >>> import torch, torch.nn as nn
@@ -173,10 +173,13 @@ def _shape_of_weight(node: fx.Node, gm: fx.GraphModule, weight_arg: Any) -> tupl
 _CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONVT_MODULES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _FUNCTIONAL_CONV: dict[Any, int] = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
-_FUNCTIONAL_CONVT: dict[Any, int] = {
+_FUNCTIONAL_CONVT: dict[Any, int] = {  # same argument order in F.* and in the aten overloads
     F.conv_transpose1d: 1,
     F.conv_transpose2d: 2,
     F.conv_transpose3d: 3,
+    aten.conv_transpose1d.default: 1,  # torch.export spells nn.ConvTranspose*d with these
+    aten.conv_transpose2d.input: 2,
+    aten.conv_transpose3d.input: 3,
 }
 _ATEN_CONV: dict[Any, int] = {
     aten.conv1d.default: 1,
@@ -211,8 +214,22 @@ def _module_site(node: fx.Node, gm: fx.GraphModule) -> Optional[Site]:
     return None
 
 
+_SITE_OVERLOADS = (*_FUNCTIONAL_CONVT, *_ATEN_CONV, *_LINEAR_FUNCTIONS, aten.convolution.default,
+                   aten._convolution.default)
+
+
+def _overload(target: Any) -> Any:
+    """An aten op packet called directly (``torch.ops.aten.convolution(...)`` in a traced forward)
+    as the overload the site tables know; any other target unchanged."""
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        for overload in _SITE_OVERLOADS:
+            if getattr(overload, "overloadpacket", None) is target:
+                return overload
+    return target
+
+
 def _function_site(node: fx.Node, gm: fx.GraphModule) -> Optional[Site]:
-    target = node.target
+    target = _overload(node.target)
     if target in _LINEAR_FUNCTIONS:
         w = _arg(node, 1, "weight", None)
         b = _arg(node, 2, "bias", None)

@@ -20,10 +20,11 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Iterator, Optional, Union
 
-__all__ = ["LayerPlan", "Plan", "PLAN_VERSION", "KINDS"]
+__all__ = ["LayerPlan", "Plan", "PLAN_VERSION", "KINDS", "CAPTURES"]
 
 PLAN_VERSION = 1
 KINDS = ("tucker2", "tucker1", "svd", "none")
+CAPTURES = ("symbolic_trace", "export", "graph_module", "exported_program")
 
 
 @dataclass
@@ -92,6 +93,14 @@ class LayerPlan:
         return cls(**data)
 
 
+_CAPTURE_TEXT = {
+    "symbolic_trace": "torch.fx.symbolic_trace (layers named by module)",
+    "export": "torch.export.export(strict=False) (aten graph)",
+    "graph_module": "the GraphModule given",
+    "exported_program": "the ExportedProgram given",
+}
+
+
 def _ratio(before: int, after: int) -> str:
     return f"x{before / after:.2f}" if after else "-"
 
@@ -99,11 +108,15 @@ def _ratio(before: int, after: int) -> str:
 @dataclass
 class Plan:
     """One :class:`LayerPlan` per candidate layer, in graph order; ``notes`` say what holds for
-    the whole model (for one, why nothing was decomposed)."""
+    the whole model (for one, why nothing was decomposed); ``capture``: how the model was captured."""
 
     layers: list[LayerPlan]
     version: int = PLAN_VERSION
     notes: list[str] = field(default_factory=list)
+    capture: Optional[str] = None
+    """How the model was captured: ``"symbolic_trace"``, ``"export"`` (``torch.export``, non-strict),
+    ``"graph_module"`` (a GraphModule taken as it is), ``"exported_program"``; ``None``: not recorded.
+    Layer names depend on it, so ``apply_plan`` captures the same way."""
 
     def __iter__(self) -> Iterator[LayerPlan]:
         return iter(self.layers)
@@ -123,7 +136,7 @@ class Plan:
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps({"version": self.version, "layers": [asdict(l) for l in self.layers],
-                                      "notes": list(self.notes)}))
+                                      "notes": list(self.notes), "capture": self.capture}))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Plan":
@@ -137,7 +150,11 @@ class Plan:
             raise ValueError(f"the plan's 'layers' must be a list of entries, got {type(layers).__name__}")
         if not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
             raise ValueError(f"the plan's 'notes' must be a list of strings, got {notes!r}")
-        return cls([LayerPlan.from_dict(l) for l in layers], version=PLAN_VERSION, notes=list(notes))
+        capture = data.get("capture")
+        if capture is not None and capture not in CAPTURES:
+            raise ValueError(f"the plan's 'capture' must be one of {list(CAPTURES)} or null, got {capture!r}")
+        return cls([LayerPlan.from_dict(l) for l in layers], version=PLAN_VERSION, notes=list(notes),
+                   capture=capture)
 
     def to_json(self, **kwargs: Any) -> str:
         return json.dumps(self.to_dict(), **kwargs)
@@ -182,8 +199,11 @@ class Plan:
                 f"({_ratio(l.params_before, l.params_after)}) | {l.macs_before:,} -> {l.macs_after:,} "
                 f"({_ratio(l.macs_before, l.macs_after)}) | {err} | {low} | {note} |"
             )
-        if self.notes:
-            lines += [""] + [f"Note: {n}" for n in self.notes]
+        if self.notes or self.capture:
+            lines.append("")
+        if self.capture:
+            lines.append(f"Captured with: {_CAPTURE_TEXT.get(self.capture, self.capture)}")
+        lines += [f"Note: {n}" for n in self.notes]
         return "\n".join(lines)
 
     def __str__(self) -> str:

@@ -90,8 +90,9 @@ class _EvalCopies:
         self.flags = [[m.training for m in model.modules()] for model in models]
 
     def __enter__(self) -> None:
-        for model in self.models:
-            model.eval()
+        for model in self.models:  # the flags themselves: ``ep.module()`` refuses .eval()
+            for m in model.modules():
+                m.training = False
 
     def __exit__(self, *exc: Any) -> None:
         for model, flags in zip(self.models, self.flags):
