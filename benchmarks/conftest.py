@@ -10,6 +10,7 @@ THETIS net only (a cold compile takes tens of seconds on 2 cores); set
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,9 +22,37 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
 SMOKE_RESNET_SHAPE = (1, 3, 8, 56, 56)
 
 
+def _benchmarks_enabled(config) -> bool:
+    """pytest-benchmark's own rule: ``--benchmark-enable`` overrides the ``--benchmark-disable`` of addopts."""
+    return not (config.getoption("benchmark_disable", default=True)
+                and not config.getoption("benchmark_enable", default=False))
+
+
+def pytest_addoption(parser):
+    """``--run-slow``: the same option (and hooks) as tests/conftest.py, for ``pytest benchmarks`` alone."""
+    try:
+        parser.addoption("--run-slow", action="store_true", default=False,
+                         help="also run the tests marked slow (the README's full test command does)")
+    except ValueError:  # registered already by tests/conftest.py
+        pass
+
+
+def pytest_collection_modifyitems(config, items):
+    """The benchmarks (full-size models) are marked slow: deselected unless ``--run-slow`` or
+    ``--benchmark-enable`` is given. Only items of this folder: tests/conftest.py handles its own."""
+    if config.getoption("--run-slow") or _benchmarks_enabled(config):
+        return
+    here = Path(__file__).resolve().parent
+    slow = [item for item in items if item.get_closest_marker("slow") is not None and here in item.path.parents]
+    if slow:
+        skip = set(map(id, slow))
+        items[:] = [item for item in items if id(item) not in skip]
+        config.hook.pytest_deselected(items=slow)
+
+
 @pytest.fixture(scope="session")
 def smoke(request) -> bool:
-    return bool(request.config.getoption("benchmark_disable", default=True))
+    return not _benchmarks_enabled(request.config)
 
 
 @pytest.fixture(scope="session")

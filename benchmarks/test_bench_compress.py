@@ -3,12 +3,14 @@
     pytest benchmarks/test_bench_compress.py --benchmark-enable
 """
 
+import pytest
 import torch
 
 import tucker_fx
 from tucker_fx.models import RESNET3D_INPUT_SHAPE, resnet3d18
 
 
+@pytest.mark.slow  # full-size resnet3d18: runs with --run-slow or --benchmark-enable
 def test_compress_resnet3d18_vbmf(benchmark):
     model = resnet3d18()
     x = torch.randn(RESNET3D_INPUT_SHAPE)

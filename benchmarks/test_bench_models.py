@@ -19,6 +19,8 @@ from benchmarks.conftest import DEVICES
 from tucker_fx.reporting.bench import VARIANTS
 from tucker_fx.reporting.timing import sync
 
+pytestmark = pytest.mark.slow  # full-size models: run with --run-slow or --benchmark-enable
+
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("device", DEVICES)

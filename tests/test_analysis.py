@@ -31,7 +31,7 @@ def unique_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-# --- the paper's network: DESIGN §2.1 ----------------------------------------------------------
+# --- the paper's network: its Table 2, recomputed (docs/demo.md) -------------------------------
 
 THETIS_ROWS = {  # layer: (params, FLOPs)
     "c1": (14_526, 15_611_904_000),

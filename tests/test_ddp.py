@@ -2,7 +2,6 @@
 evaluate over a DistributedSampler counts every sample once; distributed=False stays local."""
 
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -49,20 +48,17 @@ WORKER = textwrap.dedent('''
 ''')
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
+@pytest.mark.slow  # two torchrun worker processes: ~10-30 s
 def test_torchrun_two_ranks_agree(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     if sys.platform.startswith("linux"):
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(script), str(tmp_path)]
+    # --standalone: the c10d rendezvous store binds localhost:0 itself and the workers join that store,
+    # so no port is picked, released and re-bound (which races with other processes on the machine)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node", "2",
+           str(script), str(tmp_path)]
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     except subprocess.TimeoutExpired as exc:  # pragma: no cover - a hang is a failure, not a stuck suite

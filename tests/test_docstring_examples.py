@@ -14,7 +14,13 @@ MODULES = sorted(
 )
 
 
-@pytest.mark.parametrize("name", ["tucker_fx"] + MODULES)
+# these modules' examples compress or train full-size models (5-20 s each)
+SLOW = {"tucker_fx.reporting.table2", "tucker_fx.reporting.train_demo", "tucker_fx.planning.plan",
+        "tucker_fx.apps.paper.table2", "tucker_fx.apps.paper.train_demo"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n
+                                  for n in ["tucker_fx"] + MODULES])
 def test_docstring_examples(name):
     module = importlib.import_module(name)
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)

@@ -47,7 +47,7 @@ def omega_reference(sigma2: np.ndarray, s: np.ndarray, L: int, M: int) -> np.nda
 
 SHAPES_RANKS = [
     (256, 2304, 5),  # the DESIGN case: reported as 25 by an absolute-tolerance minimiser
-    (2304, 256, 5),
+    pytest.param(2304, 256, 5, marks=pytest.mark.slow),  # ~5 s: the transpose of the first
     (64, 576, 10),
     (576, 64, 10),
     (128, 1152, 1),
@@ -75,7 +75,8 @@ def test_recovers_planted_rank(L: int, M: int, rank: int) -> None:
     assert float(s[rank - 1]) > res.threshold > float(s[rank])
 
 
-@pytest.mark.parametrize(("L", "M", "rank"), [(256, 2304, 5), (64, 576, 10), (512, 512, 20)])
+@pytest.mark.parametrize(("L", "M", "rank"), [pytest.param(256, 2304, 5, marks=pytest.mark.slow),  # ~5 s
+                                              (64, 576, 10), (512, 512, 20)])
 def test_sigma2_minimises_omega_globally(L: int, M: int, rank: int) -> None:
     y = low_rank_plus_noise(L, M, rank, seed=7)
     s = torch.linalg.svdvals(y).numpy()

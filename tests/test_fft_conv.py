@@ -21,6 +21,8 @@ from tucker_fx.kernels import (
 )
 # the package re-exports the function fft_conv under the submodule's name
 fft_mod = importlib.import_module("tucker_fx.kernels.fft_conv")
+# the buffered CPU path's tuning constants live in the engine module
+engine_mod = importlib.import_module("tucker_fx.kernels.fft.engine")
 
 # torch's own conv warns that 'same' with an even kernel pads a copy of the input
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same':UserWarning")
@@ -387,6 +389,7 @@ def test_tucker_gradients_match_reference():
                 assert rel_err(p.grad, r.grad) < 1e-10
 
 
+@pytest.mark.slow  # float64 gradcheck, over 10 s
 def test_gradcheck_tiny():
     torch.manual_seed(8)
     d = torch.float64
@@ -451,11 +454,11 @@ BUFFERED_CASES = [
 @pytest.mark.parametrize("case", BUFFERED_CASES, ids=lambda c: f"{c[0]}d-{c[9]}-k{c[5]}-s{c[6]}")
 def test_buffered_path_matches_autograd_path(case, chunk_bytes, loop_mix, monkeypatch):
     n, S, r_s, r_t, T, k, s, p, d, mode, tucker1, mix_last, last_none = case
-    monkeypatch.setattr(fft_mod, "_BUFFER_MIN_BYTES", 0)  # small tensors take it too
+    monkeypatch.setattr(engine_mod, "_BUFFER_MIN_BYTES", 0)  # small tensors take it too
     if chunk_bytes is not None:
-        monkeypatch.setattr(fft_mod, "_CHUNK_BYTES", chunk_bytes)
+        monkeypatch.setattr(engine_mod, "_CHUNK_BYTES", chunk_bytes)
     if loop_mix:
-        monkeypatch.setattr(fft_mod, "_LOOP_MIX_MIN_NUMEL", 0)
+        monkeypatch.setattr(engine_mod, "_LOOP_MIX_MIN_NUMEL", 0)
     g = torch.Generator().manual_seed(11)
     dt = torch.float64
     spatial = (8, 16, 18)[-n:] if max(k) > 5 else (7, 10, 11)[-n:]
@@ -480,7 +483,7 @@ def test_buffered_path_matches_autograd_path(case, chunk_bytes, loop_mix, monkey
 
 
 def test_reuse_buffers_off_and_inference_mode(monkeypatch):
-    monkeypatch.setattr(fft_mod, "_BUFFER_MIN_BYTES", 0)
+    monkeypatch.setattr(engine_mod, "_BUFFER_MIN_BYTES", 0)
     torch.manual_seed(12)
     conv = nn.Conv3d(3, 2, (3, 5, 5), padding=(1, 2, 2)).double()
     x = torch.randn(2, 3, 6, 9, 10, dtype=torch.float64)
@@ -539,7 +542,7 @@ def test_shape_prop_under_fake_tensors_and_meta(monkeypatch):
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.passes.shape_prop import ShapeProp
 
-    monkeypatch.setattr(fft_mod, "_BUFFER_MIN_BYTES", 0)  # fake tensors must not take it
+    monkeypatch.setattr(engine_mod, "_BUFFER_MIN_BYTES", 0)  # fake tensors must not take it
     torch.manual_seed(16)
     model = nn.Sequential(
         TuckerFFTConv(torch.randn(2, 4), torch.randn(2, 2, 3, 5, 5), torch.randn(6, 2), torch.randn(6), padding=(1, 2, 2)),

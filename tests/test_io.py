@@ -77,6 +77,7 @@ def test_round_trip_is_exact(tmp_path, name, config):
     assert str(loaded.module.graph) == str(result.module.graph)
 
 
+@pytest.mark.slow  # full-size THETIS
 def test_round_trip_of_the_paper_net_with_fft_lowering(tmp_path):
     from tucker_fx.models import THETIS_INPUT_SHAPE, thetis_net, thetis_paper_config
 

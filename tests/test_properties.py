@@ -14,8 +14,10 @@ padding; dilation; the four padding modes; groups; bias on and off; batch and ch
 contiguous, channels-last and unbatched inputs) and Linear layers (any leading dims), in float64,
 float32, bfloat16 or float16 (on the CPU; float16 also on CUDA where there is one).
 
-Profiles (``HYPOTHESIS_PROFILE``): ``ci`` (default: few examples, derandomized, no database, so
-every run tests the same cases) and ``local`` (many more, random).
+Profiles (``HYPOTHESIS_PROFILE``): ``fast`` (the fast loop, plain ``pytest``: a third of ``ci``'s
+examples), ``ci`` (with ``--run-slow``, the README's full test command: few examples,
+derandomized, no database, so every run tests the same cases) and ``local`` (many more, random).
+tests/conftest.py picks ``fast`` or ``ci`` unless ``HYPOTHESIS_PROFILE`` is set.
 """
 
 from __future__ import annotations
@@ -39,6 +41,10 @@ from tucker_fx import TuckerConfig
 
 settings.register_profile(
     "ci", max_examples=25, deadline=None, derandomize=True, database=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+settings.register_profile(
+    "fast", max_examples=8, deadline=None, derandomize=True, database=None, print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 settings.register_profile(

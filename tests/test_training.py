@@ -233,8 +233,23 @@ def test_early_stopping_as_a_finetune_callback():
 
 # ---- the whole pipeline, tiny ---------------------------------------------------------------
 
+def _objective(model: nn.Module, data, teacher=None) -> float:
+    """What ``finetune`` minimises (cross-entropy, or the distillation loss against ``teacher``),
+    over the whole data set in one eval-mode batch: a deterministic number, unlike an accuracy
+    counted on a handful of samples."""
+    x, y = next(iter(DataLoader(data, batch_size=len(data))))
+    with torch.no_grad():
+        out = model.eval()(x)
+        if teacher is None:
+            return nn.functional.cross_entropy(out, y).item()
+        return distillation_loss(out, teacher.eval()(x), y).item()
+
+
+@pytest.mark.slow  # trains a THETIS net, over 20 s
 def test_tiny_pipeline_train_compress_finetune():
-    """Training lowers the loss, compression lowers the weights, fine-tuning keeps train accuracy."""
+    """Training lowers its loss on the training set, compression lowers the weights, fine-tuning
+    lowers the distillation loss it minimises (16 samples: accuracies would move in steps of 1/16,
+    so the objective itself is what is checked)."""
     torch.manual_seed(0)
     train = SyntheticThetis(16, resolution=(32, 40), frames=8, seed=0)
     loader, eval_loader = _loader(train, bs=4), DataLoader(train, batch_size=8)
@@ -242,24 +257,27 @@ def test_tiny_pipeline_train_compress_finetune():
     start = evaluate(model, eval_loader)
     finetune(model, loader, epochs=3, lr=2e-3, quiet=True, seed=0)
     trained = evaluate(model, eval_loader)
-    assert trained.loss < start.loss
+    assert trained.loss == pytest.approx(_objective(model, train), rel=1e-4)  # evaluate's loss is the CE
+    assert trained.loss < 0.98 * start.loss  # 0.691 -> 0.657 with torch 2.13 on CPU
     model.eval()
     x = torch.randn(1, 4, 8, 32, 40)
     result = tucker_fx.compress(model, x, config=thetis_paper_config(lowering="none", progress=False))
     assert result.after.total_params < result.before.total_params
     assert isinstance(result.module, torch.fx.GraphModule)
-    compressed = evaluate(result.module, eval_loader)
     assert all(p.requires_grad for p in result.module.parameters())  # every factor trains
-    finetune(result.module, loader, epochs=4, lr=1e-3, teacher=model, quiet=True, seed=0)
-    tuned = evaluate(result.module, eval_loader)
-    assert tuned.accuracy >= compressed.accuracy and tuned.loss < compressed.loss
+    factors = {k: v.clone() for k, v in result.module.state_dict().items()}
+    compressed = _objective(result.module, train, teacher=model)
+    finetune(result.module, loader, epochs=4, lr=3e-3, teacher=model, quiet=True, seed=0)
+    assert all(not torch.equal(v, factors[k]) for k, v in result.module.state_dict().items()
+               if v.is_floating_point())  # every factor moved
+    assert _objective(result.module, train, teacher=model) < 0.98 * compressed  # 0.356 -> 0.337
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """One tiny ``tucker-fx train`` run through the CLI, with every evaluation recorded: which split,
     and whether a training loop was running at the time."""
-    import tucker_fx.reporting.train_demo as demo
+    import tucker_fx.apps.paper.train_demo as demo  # the module the CLI calls (patched below)
     import tucker_fx.training.loop as loop
 
     calls, state = [], {"training": False}
@@ -291,6 +309,7 @@ def tiny_run(tmp_path_factory):
     return {"rc": rc, "stdout": out.getvalue(), "data": json.loads(path.read_text()), "calls": calls}
 
 
+@pytest.mark.slow  # the tiny_run fixture: a whole `tucker-fx train` run, ~30 s
 def test_train_demo_cli_writes_json(tiny_run):
     assert tiny_run["rc"] == 0
     out, data = tiny_run["stdout"], tiny_run["data"]
@@ -300,11 +319,13 @@ def test_train_demo_cli_writes_json(tiny_run):
     paper = next(c for c in data["compressed"] if c["name"] == "paper")
     assert [row["ranks"] for row in paper["plan"]] == [[2, 2], [2, 3], [4, 7], [1], None]
     assert data["original"]["params"] > paper["params_after"] and paper["params_ratio"] > 1
-    assert 0.0 <= paper["after_finetune"]["test"]["accuracy"] <= 1.0 and data["ms"]["original"] > 0
+    test = paper["after_finetune"]["test"]  # --test-size 4: the accuracy is counted over those 4 samples
+    assert test["total"] == 4 and test["accuracy"] == test["correct"] / 4 and data["ms"]["original"] > 0
     # every factor of the compressed model trains (compress hands back trainable parameters)
     assert paper["trainable_params"] == paper["parameters"] > 0
 
 
+@pytest.mark.slow  # the tiny_run fixture: a whole `tucker-fx train` run, ~30 s
 def test_train_demo_selects_on_validation_never_on_test(tiny_run):
     data, calls = tiny_run["data"], tiny_run["calls"]
     # while any model trains, only the validation split is evaluated
@@ -316,11 +337,12 @@ def test_train_demo_selects_on_validation_never_on_test(tiny_run):
         assert len(accs) == sel["epochs_run"] and "test_accuracy" not in sel["curve"][0]
         best = max(accs)
         assert accs[sel["selected_epoch"] - 1] == best  # the selected epoch is a best-validation one
-        assert sel["val"]["accuracy"] == best if "val" in sel else True
+        assert sel["val"]["accuracy"] == best
     assert data["original"]["epochs_run"] == data["settings"]["max_epochs"] == 3  # --patience none: whole budget
     assert data["settings"]["val_size"] == 6 and "validation" in data["selection"]
 
 
+@pytest.mark.slow  # the tiny_run fixture: a whole `tucker-fx train` run, ~30 s
 def test_train_demo_states_the_target(tiny_run):
     data = tiny_run["data"]
     t = data["target"]
@@ -343,6 +365,7 @@ def test_target_check():
     assert not target_check(0.90, 0.889, 40.0)["met"] and not target_check(0.90, 0.95, 39.9)["met"]
 
 
+@pytest.mark.slow  # the tiny_run fixture: a whole `tucker-fx train` run, ~30 s
 def test_plot_when_matplotlib_is_installed(tiny_run, tmp_path):
     pytest.importorskip("matplotlib")
     r = tiny_run["data"]
@@ -351,6 +374,7 @@ def test_plot_when_matplotlib_is_installed(tiny_run, tmp_path):
     assert path and Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow  # a whole train demo, over 5 s
 def test_train_demo_on_other_ranks_writes_and_times_nothing(tmp_path):
     """Under torchrun, ranks other than 0 train but skip the probe, the timing and the plot."""
     plot = tmp_path / "p.png"
@@ -379,7 +403,7 @@ def _no_training(*args, **kw):
 
 @pytest.mark.parametrize("flag", ["--json", "--plot"])
 def test_train_cli_rejects_unwritable_paths_at_once(flag, tmp_path, monkeypatch, capsys):
-    import tucker_fx.reporting.train_demo as demo
+    import tucker_fx.apps.paper.train_demo as demo  # the module the CLI calls (patched below)
 
     monkeypatch.setattr(demo, "train_demo", _no_training)
     assert main(["train", flag, str(tmp_path / "missing" / "out")]) == 1
@@ -402,7 +426,7 @@ def test_cli_turns_oserror_into_a_clean_error(monkeypatch, capsys):
 
 
 def test_train_cli_prints_and_writes_on_rank_0_only(tmp_path, monkeypatch, capsys):
-    import tucker_fx.reporting.train_demo as demo
+    import tucker_fx.apps.paper.train_demo as demo  # the module the CLI calls (patched below)
 
     seen = {}
 

@@ -11,6 +11,9 @@ Example:
     (13598, 2635140440)
 """
 
+import importlib
+from typing import Any
+
 from tucker_fx.analysis import CostReport, NodeCost, analyze
 from tucker_fx.api import CompressionResult, apply_plan, compress, lower
 from tucker_fx.config import TuckerConfig
@@ -19,8 +22,7 @@ from tucker_fx.errors import (CaptureWarning, DecompositionError, PlanEditedWarn
                               ShapePropagationError, TuckerWarning, UntraceableModelError)
 from tucker_fx.io import load, save
 from tucker_fx.planning import LayerPlan, Plan
-from tucker_fx.reporting.validation import ValidationReport, validate
-from tucker_fx.training import evaluate, finetune
+from tucker_fx.validation import ValidationReport, validate
 
 __version__ = "0.1.0"
 
@@ -32,3 +34,19 @@ __all__ = [
     "PoorCompressionWarning", "PlanEditedWarning", "__version__",
     "finetune", "evaluate",
 ]
+
+#: names loaded on first use: the training loops are an application (they import torch.distributed)
+_LAZY = {"finetune": "tucker_fx.training", "evaluate": "tucker_fx.training"}
+
+
+def __getattr__(name: str) -> Any:
+    """``finetune`` and ``evaluate``, imported from :mod:`tucker_fx.training` on first use."""
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'tucker_fx' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -22,28 +22,23 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from tucker_fx._internal.meta import CAPTURE_KEY, LOWERING_KEY, NOTES_KEY, PLAN_KEY
+from tucker_fx._internal.progress import Progress
 from tucker_fx.analysis.capture import CAPTURE_PATHS, Captured, capture_model
 from tucker_fx.analysis.costs import CostReport, annotate_costs
-from tucker_fx.analysis.shapes import propagate_shapes
 from tucker_fx.config import TuckerConfig
 from tucker_fx.errors import DecompositionError, PlanEditedWarning, PoorCompressionWarning
-from tucker_fx.passes.fold_bn import NOTES_KEY, FoldBatchNorm
-from tucker_fx.passes.lowering import LowerBlocks, LowerConvs, LowerMaxPools
-from tucker_fx.passes.merge_linear import MergeLinear
-from tucker_fx.passes.pool_first import PoolBeforeActivation
-from tucker_fx.passes.runner import run_passes
-from tucker_fx.passes.tucker_rewrite import TuckerRewrite
+from tucker_fx.passes.pipeline import DECOMPOSE, LOWER, PREPARE, SHAPES, SITES, pipeline_run
+from tucker_fx.passes.runner import PipelineRun
 from tucker_fx.planning.plan import KINDS, Plan
 from tucker_fx.planning.planner import build_plan
-from tucker_fx.reporting.progress import Progress
-from tucker_fx.reporting.validation import ValidationReport, check_runnable_inputs, validate
-from tucker_fx.tuning.cache import TimingCache
+from tucker_fx.validation import ValidationReport, check_runnable_inputs, validate
 
 __all__ = ["CompressionResult", "compress", "apply_plan", "lower", "model_signature", "PLAN_META_KEY",
            "CAPTURE_META_KEY", "POOR_SQNR_DB", "POOR_TOP1"]
 
-PLAN_META_KEY = "tucker_fx.plan"
-CAPTURE_META_KEY = "tucker_fx.capture"
+PLAN_META_KEY = PLAN_KEY  # the keys live in tucker_fx._internal.meta; these names stay for old imports
+CAPTURE_META_KEY = CAPTURE_KEY
 POOR_SQNR_DB = 6.0
 """Below this SQNR (dB; rel. L2 error above 0.5) the compressed model is reported as poor."""
 POOR_TOP1 = 0.5
@@ -267,7 +262,7 @@ def _analysed_copy(model: nn.Module, example_inputs: tuple, path: str = "auto", 
     """Capture a copy of ``model`` (``symbolic_trace``, else ``torch.export``; checked against the
     model when ``check``), with shapes and costs annotated."""
     captured = capture_model(model, example_inputs, path=path, check=check, verb=verb)
-    captured.gm.meta[CAPTURE_META_KEY] = captured.path
+    captured.gm.meta[CAPTURE_KEY] = captured.path
     return captured.gm, annotate_costs(captured.gm, model=model), captured
 
 
@@ -277,13 +272,14 @@ def _capture_path(value: Any, verb: str) -> str:
     return str(value)
 
 
-def _prepare(gm: fx.GraphModule, example_inputs: tuple, config: TuckerConfig) -> tuple[fx.GraphModule, Optional[fx.GraphModule]]:
-    """Fold BatchNorm and re-annotate, then keep a copy for the per-layer errors of validation
-    (folded too, so that each layer is compared with what it replaces)."""
-    if config.fold_bn:
-        gm = run_passes(gm, [FoldBatchNorm()])
-        propagate_shapes(gm, example_inputs)
-        annotate_costs(gm)
+def _prepare(gm: fx.GraphModule, example_inputs: tuple, config: TuckerConfig,
+             run: Optional[PipelineRun] = None) -> tuple[fx.GraphModule, Optional[fx.GraphModule]]:
+    """Run :data:`~tucker_fx.passes.pipeline.PREPARE` (BatchNorm folding) and re-analyse what it
+    left stale (the planner reads the analysis), then keep a copy for the per-layer errors of
+    validation (folded too, so that each layer is compared with what it replaces)."""
+    run = run if run is not None else pipeline_run(config, example_inputs)
+    gm = run.run(gm, PREPARE)
+    run.ensure(gm, SITES)
     reference = copy.deepcopy(gm) if config.validate else None
     return gm, reference
 
@@ -293,11 +289,6 @@ def _graph_notes(gm: fx.GraphModule, captured: Captured, config: TuckerConfig) -
     notes = list(captured.notes)
     if config.fold_bn:
         notes += [n for n in gm.meta.get(NOTES_KEY, []) if "not folded" in n]
-        aten_bns = [n.name for n in gm.graph.nodes if n.op == "call_function" and "batch_norm" in str(n.target)]
-        if aten_bns:
-            notes.append(f"{len(aten_bns)} BatchNorm(s) not folded ({', '.join(aten_bns[:4])}"
-                         f"{', ...' if len(aten_bns) > 4 else ''}): they are aten.batch_norm calls in this graph "
-                         "(captured with torch.export); folding handles nn.BatchNorm modules only")
     return notes
 
 
@@ -305,12 +296,6 @@ def _warn_if_poor(validation: Optional[ValidationReport]) -> None:
     poor = _poor(validation) if validation is not None else None
     if poor:
         warnings.warn(poor, PoorCompressionWarning, stacklevel=5)
-
-
-def _cache(config: TuckerConfig) -> Optional[TimingCache]:
-    if config.tuning_cache is False:
-        return None
-    return TimingCache(None if config.tuning_cache is True else config.tuning_cache)
 
 
 def _nothing_to_do(model: nn.Module, plan: Plan, example_inputs: tuple, config: TuckerConfig,
@@ -325,7 +310,7 @@ def _nothing_to_do(model: nn.Module, plan: Plan, example_inputs: tuple, config: 
                           "returned as traced, with no pass applied")
     again = path if path in CAPTURE_PATHS else "auto"
     gm, report, _ = _analysed_copy(model, example_inputs, path=again, check=False)
-    gm.meta[PLAN_META_KEY] = plan
+    gm.meta[PLAN_KEY] = plan
     validation = validate(model, gm, *example_inputs) if config.validate else None
     compiled = torch.compile(gm) if config.inductor else None
     return CompressionResult(gm, plan, report, report, validation, compiled, config=config, capture=plan.capture)
@@ -335,25 +320,12 @@ def _finish(model: nn.Module, gm: fx.GraphModule, reference: Optional[fx.GraphMo
             before: CostReport, example_inputs: tuple, config: TuckerConfig, progress: Progress) -> CompressionResult:
     if not plan.applied:
         return _nothing_to_do(model, plan, example_inputs, config, str(plan.capture))
-    rewrite = TuckerRewrite(plan, hooi_iters=config.hooi_iters, solver=config.tucker_solver, progress=progress)
-    gm = run_passes(gm, [rewrite])
-    propagate_shapes(gm, example_inputs)
-    passes: list = []
-    if config.lowering == "auto":
-        cache = _cache(config) if config.tune else None  # one cache object for every tuning pass
-        passes.append(LowerBlocks(plan, rewrite.originals, tune=config.tune, cache=cache,
-                                  repeats=config.tuning_repeats, tolerance=config.lowering_tolerance,
-                                  allow_original=config.keep_original_if_faster,
-                                  progress=progress))
-        passes += [PoolBeforeActivation(), LowerMaxPools(tune=config.tune, cache=cache, repeats=config.tuning_repeats)]
-    if config.merge:
-        passes.append(MergeLinear())
-    if passes:
-        gm = run_passes(gm, passes)
+    gm.meta[PLAN_KEY] = plan  # the rewrite and the lowering read it there
+    run = pipeline_run(config, example_inputs, progress=progress)
+    gm = run.run(gm, DECOMPOSE)
     if not plan.applied:  # the lowering put every original layer back
         plan.notes.append("no layer was decomposed: each layer's reason is in its row")
-    gm.meta[PLAN_META_KEY] = plan
-    propagate_shapes(gm, example_inputs)
+    run.refresh(gm, SHAPES)  # the cost report of the compressed graph is taken afresh
     after = annotate_costs(gm)
     validation = None
     if reference is not None:  # against the user's model itself: a capture can be wrong
@@ -501,22 +473,50 @@ def apply_plan(model: nn.Module, plan: Plan, *example_inputs: Any,
     return result
 
 
+_LOWER_KEYWORDS = ("tune", "tuning_cache", "fold_bn", "merge")
+
+
+def _lower_config(config: Optional[TuckerConfig], deprecated: dict[str, Any]) -> TuckerConfig:
+    """``config`` (default ``TuckerConfig()``) with the deprecated keywords of ``lower`` applied."""
+    config = config if config is not None else TuckerConfig()
+    if not isinstance(config, TuckerConfig):
+        raise TypeError(f"config must be a TuckerConfig, got {type(config).__name__}")
+    unknown = sorted(set(deprecated) - set(_LOWER_KEYWORDS))
+    if unknown:
+        raise TypeError(f"lower() got an unexpected keyword argument {unknown[0]!r}; expected "
+                        f"config=TuckerConfig(...), capture=, or one of the deprecated {_LOWER_KEYWORDS}")
+    if deprecated:
+        spelled = ", ".join(f"{k}={v!r}" for k, v in deprecated.items())
+        warnings.warn(f"lower(..., {spelled}) is deprecated; pass config=TuckerConfig({spelled}) instead "
+                      "(note: lower's default is now tune=False, as TuckerConfig's; it was tune=True)",
+                      DeprecationWarning, stacklevel=4)
+        config = config.replace(**deprecated)
+    return config
+
+
 @_keeps_global_rng
-def lower(model: nn.Module, *example_inputs: Any, tune: bool = True,
-          tuning_cache: "bool | str" = True, fold_bn: bool = True, merge: bool = True,
-          capture: str = "auto") -> fx.GraphModule:
+def lower(model: nn.Module, *example_inputs: Any, config: Optional[TuckerConfig] = None,
+          capture: str = "auto", **deprecated: Any) -> fx.GraphModule:
     """The same lowering passes as ``compress``, without decomposition: the fair baseline.
 
-    BatchNorm folding, each conv's fastest variant (direct, channels_last, FFT; chosen by
-    measurement or by the cost model), max-pooling moved before monotone activations, and the
-    merge of adjacent linear maps. The choices are in
-    ``gm.meta["tucker_fx.lowering"]``; how the model was captured (as in ``compress``, but the
-    trace is not run against the model: nothing of the model runs) in ``gm.meta["tucker_fx.capture"]``.
+    Runs :data:`~tucker_fx.passes.pipeline.LOWER`: BatchNorm folding (``config.fold_bn``), each
+    conv's fastest variant (direct, channels_last, FFT), max-pooling moved before monotone
+    activations and tiling max pools as ``WindowMax`` (these three with ``config.lowering="auto"``),
+    and the merge of adjacent linear maps (``config.merge``). Variants are chosen by the cost model,
+    or by measurement with ``TuckerConfig(tune=True)`` (the default is ``tune=False``, as for
+    ``compress``, so that the baseline and the compressed model are lowered alike; before this
+    release ``lower`` measured by default). ``config.validate`` does not apply: nothing of the
+    model runs. The choices are in ``gm.meta["tucker_fx.lowering"]``; how the model was captured
+    (as in ``compress``, but the trace is not run against the model) in
+    ``gm.meta["tucker_fx.capture"]``.
+
+    The keyword arguments ``tune``, ``tuning_cache``, ``fold_bn`` and ``merge`` of earlier
+    versions still work, with a ``DeprecationWarning``: they are applied to ``config``.
 
     Example:
         >>> import torch, torch.nn as nn, tucker_fx
         >>> net = nn.Sequential(nn.Conv2d(2, 2, 9, padding=4)).eval()
-        >>> gm = tucker_fx.lower(net, torch.randn(1, 2, 64, 64), tuning_cache=False)
+        >>> gm = tucker_fx.lower(net, torch.randn(1, 2, 64, 64), config=tucker_fx.TuckerConfig(tuning_cache=False))
         >>> sorted(gm.meta["tucker_fx.lowering"]["0"])
         ['lowering', 'source', 'timings_ms']
     """
@@ -524,14 +524,10 @@ def lower(model: nn.Module, *example_inputs: Any, tune: bool = True,
         model, example_inputs = _unpack_exported("lower", model, example_inputs)
     _check_inputs("lower", model, example_inputs)
     path = _capture_path(capture, "lower")
-    config = TuckerConfig(tune=tune, tuning_cache=tuning_cache, fold_bn=fold_bn, merge=merge, validate=False)
+    config = _lower_config(config, deprecated)
     # not checked against the model (lower runs nothing of it); a trace that fails is still exported
     gm, _, captured = _analysed_copy(model, example_inputs, path, False, "lower")
-    gm, _ = _prepare(gm, example_inputs, config)
-    cache = _cache(config) if tune else None
-    lowering = LowerConvs(tune=tune, cache=cache, repeats=config.tuning_repeats)
-    pools = LowerMaxPools(tune=tune, cache=cache, repeats=config.tuning_repeats)
-    gm = run_passes(gm, [lowering, PoolBeforeActivation(), pools] + ([MergeLinear()] if merge else []))
-    gm.meta["tucker_fx.lowering"] = lowering.choices
-    gm.meta[CAPTURE_META_KEY] = captured.path
+    gm = pipeline_run(config, example_inputs).run(gm, LOWER)
+    gm.meta.setdefault(LOWERING_KEY, {})  # empty when config.lowering="none"
+    gm.meta[CAPTURE_KEY] = captured.path
     return gm

@@ -48,8 +48,6 @@ import json
 import os
 import re
 import tempfile
-import types
-import typing
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Union
@@ -59,10 +57,18 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten
 
-from tucker_fx.api import PLAN_META_KEY, CompressionResult, apply_plan, model_signature
+from tucker_fx._internal.meta import PLAN_KEY
+from tucker_fx.api import CompressionResult, apply_plan, model_signature
 from tucker_fx.config import TuckerConfig
 from tucker_fx.errors import PlanEditedWarning
-from tucker_fx.planning.plan import CAPTURES, LayerPlan, Plan
+from tucker_fx.planning.plan import CAPTURES, Plan, check_plan_data
+from tucker_fx.planning.schema import (
+    SchemaError as _Bad,
+    describe as _got,
+    is_int as _is_int,
+    need as _need,
+    require_object as _object,
+)
 
 __all__ = ["save", "load", "FORMAT_VERSION", "READABLE_VERSIONS", "MANIFEST_NAME", "WEIGHTS_NAME"]
 
@@ -290,31 +296,8 @@ def _package_version() -> str:
 
 
 # --- reading and checking the manifest -----------------------------------------------------------
-
-class _Bad(ValueError):
-    """A manifest field of the wrong form; :func:`_read_manifest` adds the file name."""
-
-
-def _got(value: Any) -> str:
-    text = repr(value)
-    return f"{type(value).__name__} {text if len(text) <= 80 else text[:77] + '...'}"
-
-
-def _need(ok: bool, where: str, expected: str, value: Any) -> None:
-    if not ok:
-        raise _Bad(f"{where}: expected {expected}, got {_got(value)}")
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _object(value: Any, where: str, keys: tuple[str, ...] = ()) -> dict[str, Any]:
-    _need(isinstance(value, dict), where, "an object", value)
-    missing = [k for k in keys if k not in value]
-    if missing:
-        raise _Bad(f"{where}: lacks the field(s) {missing}")
-    return value
+# The checks are tucker_fx.planning.schema's (_Bad is its SchemaError: a manifest field of the wrong
+# form, to which _read_manifest adds the file name); the plan's are check_plan_data's.
 
 
 def _tensor_descriptions(value: Any, where: str, extra: tuple[str, ...] = (), listed: bool = False) -> None:
@@ -334,48 +317,6 @@ def _tensor_descriptions(value: Any, where: str, extra: tuple[str, ...] = (), li
             _need(isinstance(entry[key], bool), f"{at}.{key}", "true or false", entry[key])
 
 
-def _conforms(value: Any, hint: Any) -> bool:
-    """Whether a JSON value fits a (simple) type hint of :class:`LayerPlan`."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if hint is Any:
-        return True
-    if origin in (Union, types.UnionType):
-        return any(_conforms(value, a) for a in args)
-    if hint is type(None):
-        return value is None
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return _is_int(value)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is str:
-        return isinstance(value, str)
-    if origin in (list, tuple):  # JSON has lists only; lengths are the plan's own check
-        return isinstance(value, (list, tuple)) and all(_conforms(v, args[0] if args else Any) for v in value)
-    if origin is dict:
-        return isinstance(value, dict) and all(_conforms(k, args[0]) and _conforms(v, args[1])
-                                               for k, v in value.items())
-    return not isinstance(hint, type) or isinstance(value, hint)
-
-
-def _hint_text(hint: Any) -> str:
-    return re.sub(r"typing\.|<class '(\w+)'>", lambda m: m.group(1) or "", str(hint))
-
-
-def _check_plan_fields(plan: dict[str, Any]) -> None:
-    """The types of the plan entries' fields (their names and the plan's layout are ``Plan.from_dict``'s)."""
-    hints = typing.get_type_hints(LayerPlan)
-    layers = plan.get("layers")
-    for i, entry in enumerate(layers if isinstance(layers, list) else []):
-        if not isinstance(entry, dict):
-            continue
-        for key, value in entry.items():
-            if key in hints and not _conforms(value, hints[key]):
-                raise _Bad(f"plan.layers[{i}] ({entry.get('name')!r}).{key}: expected {_hint_text(hints[key])}, "
-                           f"got {_got(value)}")
-
-
 def _check_manifest(manifest: dict[str, Any], version: int) -> None:
     """Every field ``load`` reads, with the form it needs: a ``_Bad`` naming the first that is not."""
     keys = ("config", "source", "plan", "weights") + (("structure",) if version >= 2 else ())
@@ -393,9 +334,13 @@ def _check_manifest(manifest: dict[str, Any], version: int) -> None:
         _need(isinstance(flag, bool), f"source.training[{name!r}]", "true or false", flag)
     _tensor_descriptions(source["inputs"], "source.inputs", listed=True)
 
-    _check_plan_fields(_object(manifest["plan"], "plan"))
-    for where, value in (("capture", manifest.get("capture")), ("plan.capture", manifest["plan"].get("capture"))):
-        _need(value is None or value in CAPTURES, where, f"one of {list(CAPTURES)} or null", value)
+    plan = _object(manifest["plan"], "plan")
+    try:
+        check_plan_data(plan)
+    except _Bad as exc:  # the same message as Plan.load gives, and where it is
+        raise _Bad(f"the entry 'plan': {exc}") from None
+    capture = manifest.get("capture")
+    _need(capture is None or capture in CAPTURES, "capture", f"one of {list(CAPTURES)} or null", capture)
 
     weights = _object(manifest["weights"], "weights", ("file", "sha256", "tensors"))
     file = weights["file"]
@@ -601,7 +546,7 @@ def load(path: PathLike, model: nn.Module, *example_inputs: Any) -> CompressionR
     recorded = manifest["weights"]["tensors"]
     for name, p in gm.named_parameters(remove_duplicate=False):
         p.requires_grad_(recorded[name]["requires_grad"] if name in recorded else True)
-    gm.meta[PLAN_META_KEY] = plan
+    gm.meta[PLAN_KEY] = plan
     result.plan, result.validation, result.source = plan, None, source
     result.capture = plan.capture
     result.keep_plan()

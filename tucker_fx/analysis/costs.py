@@ -28,6 +28,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from tucker_fx._internal.meta import COST_KEY, SITE_KEY
 from tucker_fx.analysis.capture import capture, capture_model
 from tucker_fx.analysis.cost_registry import REGISTRY, CostContext, CostRegistry, OpCost
 from tucker_fx.analysis.shapes import propagate_shapes, shape_of
@@ -35,8 +36,6 @@ from tucker_fx.analysis.sites import site_of
 
 __all__ = ["NodeCost", "CostReport", "analyze", "annotate_costs", "COST_KEY", "SITE_KEY"]
 
-COST_KEY = "tucker_fx.cost"
-SITE_KEY = "tucker_fx.site"
 
 Shape = tuple[int, ...]
 

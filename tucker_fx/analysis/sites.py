@@ -93,7 +93,7 @@ class Site:
         if self.module_name is not None:
             return None
         for role, node in (("weight", self.weight_node), ("bias", self.bias_node)):
-            if node is None or node.op == "get_attr" or isinstance(node.meta.get("tucker_fx.value"), torch.Tensor):
+            if node is None or node.op == "get_attr":
                 continue
             what = "a graph input" if node.op == "placeholder" else f"computed in forward (node {node.name!r})"
             return (f"its {role} is {what}, not a parameter, buffer or tensor attribute that can be read "
@@ -115,7 +115,7 @@ class Site:
 
 
 def resolve_tensor(node: Optional[fx.Node], gm: fx.GraphModule) -> torch.Tensor:
-    """The tensor a ``get_attr`` node (or a placeholder holding a real tensor) stands for."""
+    """The tensor a ``get_attr`` node stands for."""
     if node is None:
         raise ValueError("expected a node that provides a tensor, got None")
     if node.op == "get_attr":
@@ -125,12 +125,9 @@ def resolve_tensor(node: Optional[fx.Node], gm: fx.GraphModule) -> torch.Tensor:
         if not isinstance(obj, torch.Tensor):
             raise TypeError(f"expected a tensor at {node.target!r}, got {type(obj).__name__}")
         return obj
-    value = node.meta.get("tucker_fx.value")
-    if isinstance(value, torch.Tensor):
-        return value
     raise ValueError(
         f"cannot read the weight of this site: it comes from {node.format_node()}, "
-        "which is neither a module attribute nor a tensor bound at compile time"
+        "which is not a module attribute (a parameter, buffer or tensor attribute)"
     )
 
 

@@ -1,8 +1,10 @@
-"""Pure tensor math of the decomposition: EVBMF rank selection, Tucker-2/Tucker-1, SVD.
+"""Pure tensor math of the decomposition: EVBMF rank selection, Tucker-2/Tucker-1, SVD, and the
+factor algebra that merges linear maps (:mod:`.algebra`).
 
 Tensors in, tensors out -- no FX, no modules.
 """
 
+from .algebra import absorb_into_conv, as_matrix, compose_linear, fold_into_flat_linear
 from .evbmf import VBMFResult, evbmf, evbmf_from_singular_values
 from .tucker import (
     SOLVERS,
@@ -21,8 +23,12 @@ __all__ = [
     "Tucker1",
     "Tucker2",
     "VBMFResult",
+    "absorb_into_conv",
+    "as_matrix",
+    "compose_linear",
     "evbmf",
     "evbmf_from_singular_values",
+    "fold_into_flat_linear",
     "relative_error",
     "truncated_svd",
     "tucker1",

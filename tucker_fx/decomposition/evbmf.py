@@ -2,7 +2,7 @@
 
 Implements the global analytic solution of Nakajima, Sugiyama, Babacan and Tomioka,
 "Global analytic solution of fully-observed variational Bayesian matrix factorization"
-(JMLR 2013), in the form given in ``DESIGN.md`` section 3. Only the singular values of the
+(JMLR 2013), in the form written out below. Only the singular values of the
 matrix are needed; no singular vectors are ever formed.
 
 For ``Y`` of shape ``(L, M)`` with ``L <= M`` (transposed otherwise), ``alpha = L / M``,

@@ -4,7 +4,7 @@ Pure tensor math (no FX): a kernel ``weight`` has shape ``(T, S, *k)`` -- ``T`` 
 channels, ``S`` input channels, ``k`` zero to three spatial sizes (``()`` for a Linear).
 Everything is computed in float64 on the weight's device and cast back to its dtype.
 
-Tucker-2 (``DESIGN.md`` section 2) decomposes the two channel modes::
+Tucker-2 (the paper's eq. 8-10) decomposes the two channel modes::
 
     W[t, s, ...] = sum_{a, b} core[a, b, ...] * u_t[t, a] * u_s[s, b]
 

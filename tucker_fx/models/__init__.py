@@ -1,4 +1,8 @@
-"""Built-in models: the paper's THETIS net, a 3D ResNet-18, and small test architectures.
+"""Built-in models by name (``tucker-fx ... --model``): the paper's THETIS net, a 3D ResNet-18,
+and small test architectures.
+
+The code lives in :mod:`tucker_fx.apps.paper` (THETIS) and :mod:`tucker_fx.testing` (the others);
+this package keeps the registry (:data:`BUILTIN_MODELS`, :func:`get_model`) and the old imports.
 
 Example:
     >>> from tucker_fx.models import get_model
@@ -14,12 +18,12 @@ from typing import Callable
 
 import torch.nn as nn
 
-from tucker_fx.models.resnet3d import RESNET3D_INPUT_SHAPE, ResNet3d, resnet3d18
-from tucker_fx.models.testnets import TEST_MODELS
-from tucker_fx.models.video import VIDEO_MODELS
-from tucker_fx.models.thetis import (
+from tucker_fx.apps.paper.model import (
     THETIS_INPUT_SHAPE, THETIS_LAYERS, ThetisNet, thetis_net, thetis_paper_config,
 )
+from tucker_fx.testing.nets import TEST_MODELS
+from tucker_fx.testing.resnet3d import RESNET3D_INPUT_SHAPE, ResNet3d, resnet3d18
+from tucker_fx.testing.video import VIDEO_MODELS
 
 __all__ = [
     "THETIS_INPUT_SHAPE", "THETIS_LAYERS", "ThetisNet", "thetis_net", "thetis_paper_config", "RESNET3D_INPUT_SHAPE",

@@ -34,16 +34,17 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from tucker_fx._internal.graph import block_name
+from tucker_fx._internal.meta import LOWERING_KEY, NOTES_KEY, ORIGIN_KEY, ORIGINALS_KEY
+from tucker_fx._internal.progress import Progress
+from tucker_fx._internal.timing import compare_samples
 from tucker_fx.analysis.cost_registry import REGISTRY, CostContext, OpCost, batched, conv_macs
+from tucker_fx.decomposition.algebra import absorb_into_conv, as_matrix, compose_linear, fold_into_flat_linear
 from tucker_fx.kernels import FFTConv, LinearChain, TuckerFFTConv, WindowMax, fft_size
 from tucker_fx.kernels.window_max import is_window_max
-from tucker_fx.passes.fold_bn import NOTES_KEY
 from tucker_fx.passes.blocks import TuckerBlock
-from tucker_fx.passes.runner import PassResult
-from tucker_fx.passes.tucker_rewrite import block_name
+from tucker_fx.passes.runner import PassError, PassResult
 from tucker_fx.planning.plan import LayerPlan, Plan
-from tucker_fx.reporting.progress import Progress
-from tucker_fx.reporting.timing import compare_samples
 from tucker_fx.tuning.cache import TimingCache, device_key
 from tucker_fx.tuning.cost_model import direct_conv_seconds, fft_conv_seconds
 
@@ -78,7 +79,7 @@ class FlattenThen(nn.Module):
 
 
 def _matrix(m: nn.Module) -> torch.Tensor:
-    return m.weight.detach().reshape(m.weight.shape[0], m.weight.shape[1])
+    return as_matrix(m.weight.detach())
 
 
 def block_candidates(block: TuckerBlock, original: Optional[nn.Module]) -> dict[str, nn.Module]:
@@ -104,21 +105,18 @@ def block_candidates(block: TuckerBlock, original: Optional[nn.Module]) -> dict[
         if first is not None and first.bias is None:
             merged = type(core)(f.shape[1], core.out_channels, core.kernel_size, bias=False, **geometry).to(core.weight)
             with torch.no_grad():
-                merged.weight.copy_(torch.einsum("tr...,rs->ts...", core.weight, f))
+                merged.weight.copy_(absorb_into_conv(core.weight, f))
             cands["absorbed"] = TuckerBlock(None, merged, copy.deepcopy(last), kind="tucker1",
                                             ranks=(core.out_channels,))
     if isinstance(core, nn.Linear) and core.bias is None:
         cands["fused"] = LinearChain.from_block(block)
     if isinstance(core, nn.Linear) and first is not None and first.bias is None:
         f = _matrix(first)  # (R_s, S)
-        r_s, s = f.shape
         if block.flatten:
-            positions = core.in_features // r_s
-            w = torch.einsum("tcp,cs->tsp", core.weight.detach().reshape(core.out_features, r_s, positions), f)
-            merged = nn.Linear(s * positions, core.out_features, bias=False).to(core.weight)
+            w, _ = fold_into_flat_linear(core.weight.detach(), None, f, None)
         else:
-            w = core.weight.detach() @ f
-            merged = nn.Linear(s, core.out_features, bias=False).to(core.weight)
+            w, _ = compose_linear(f, None, core.weight.detach(), None)
+        merged = nn.Linear(w.shape[1], core.out_features, bias=False).to(core.weight)
         with torch.no_grad():
             merged.weight.copy_(w.reshape(merged.weight.shape))
         cands["absorbed"] = TuckerBlock(None, merged, copy.deepcopy(last), kind="svd",
@@ -244,10 +242,10 @@ def _replace_chain(gm: fx.GraphModule, name: str, module: nn.Module, entry: Laye
             for child in ("first", "core", "last"):
                 if hasattr(inner, child):
                     x = graph.call_module(f"{name}.{child}", (x,))
-                    x.meta["tucker_fx.origin"] = entry.node
+                    x.meta[ORIGIN_KEY] = entry.node
         else:
             x = graph.call_module(name, (x,))
-            x.meta["tucker_fx.origin"] = entry.node
+            x.meta[ORIGIN_KEY] = entry.node
     x.meta["tensor_meta"] = last.meta.get("tensor_meta")
     last.replace_all_uses_with(x)
     for n in reversed(list(graph.nodes)):
@@ -258,10 +256,14 @@ def _replace_chain(gm: fx.GraphModule, name: str, module: nn.Module, entry: Laye
 
 @dataclass
 class LowerBlocks:
-    """Graph pass over a compressed graph with ``tensor_meta``; records choices in the plan."""
+    """Graph pass over a compressed graph with ``tensor_meta``; records choices in the plan.
+
+    ``originals`` (the layer each block replaced, the ``original`` candidate) defaults to what the
+    rewrite left in ``gm.meta[ORIGINALS_KEY]``. A block whose input has no ``tensor_meta`` is an
+    error: run the pass through the pipeline runner, which propagates shapes first."""
 
     plan: Plan
-    originals: dict[str, nn.Module]
+    originals: Optional[dict[str, nn.Module]] = None
     tune: bool = True
     cache: Optional[TimingCache] = None
     repeats: int = 7
@@ -275,6 +277,7 @@ class LowerBlocks:
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         chooser = _Chooser(self.tune, self.cache, self.repeats, self.tolerance)
+        originals = self.originals if self.originals is not None else gm.meta.get(ORIGINALS_KEY, {})
         applied = self.plan.applied
         modified = False
         for i, entry in enumerate(applied):
@@ -289,15 +292,19 @@ class LowerBlocks:
             if not isinstance(block, TuckerBlock):
                 continue
             chain = [n for n in gm.graph.nodes if n.op == "call_module" and str(n.target).rpartition(".")[0] == name]
-            if not chain or "tensor_meta" not in chain[0].args[0].meta:
+            if not chain:
                 continue
+            if "tensor_meta" not in chain[0].args[0].meta:
+                raise PassError(f"graph pass {self.name!r}: block {name!r} (layer {entry.name!r}) has no input shape: "
+                                f"no tensor_meta on {chain[0].args[0].format_node()}; expected shapes propagated "
+                                "before lowering (tucker_fx.passes.pipeline runs the passes in order and does that)")
             if sum(1 for n in chain if str(n.target).endswith(".core")) > 1:
                 entry.notes.append("shared module: runs as the direct chain (not lowered)")
                 continue
             if self.progress is not None:
                 self.progress.step(i + 1, len(applied), f"lowering {entry.name}")
             x = _example(chain[0].args[0], next(block.parameters()).device)
-            cands = block_candidates(block, self.originals.get(entry.name) if self.allow_original else None)
+            cands = block_candidates(block, originals.get(entry.name) if self.allow_original else None)
             forced = entry.lowering if entry.lowering in cands else None
             if forced is not None:
                 winner, times, source = forced, entry.timings_ms, "plan"
@@ -337,6 +344,7 @@ class LowerConvs:
     """Graph pass for an undecomposed model: each plain conv gets its fastest lowering.
 
     This is the fair baseline: the original model through the same lowering as the compressed one.
+    The choices go to ``gm.meta[LOWERING_KEY]`` (``choices`` is the same mapping).
     """
 
     tune: bool = True
@@ -376,6 +384,7 @@ class LowerConvs:
                 modified = True
         if self.cache is not None:
             self.cache.save()
+        gm.meta[LOWERING_KEY] = self.choices
         return PassResult(gm, modified)
 
 

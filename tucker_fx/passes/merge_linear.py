@@ -43,7 +43,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tucker_fx.passes.fold_bn import NOTES_KEY
+from tucker_fx._internal.meta import NOTES_KEY
+from tucker_fx.decomposition.algebra import absorb_into_conv, as_matrix, compose_linear, fold_into_flat_linear
 from tucker_fx.passes.runner import PassResult
 
 __all__ = ["MergeLinear", "is_pointwise_conv"]
@@ -103,7 +104,7 @@ def _module(gm: fx.GraphModule, node: fx.Node) -> Optional[nn.Module]:
 
 
 def _matrix(m: nn.Module) -> torch.Tensor:
-    return m.weight.reshape(m.weight.shape[0], m.weight.shape[1])
+    return as_matrix(m.weight)
 
 
 def _macs(gm: fx.GraphModule, node: fx.Node) -> int:
@@ -243,12 +244,7 @@ class MergeLinear:
         if after >= before or wb.shape[0] * wa.shape[1] > _params(ma, mb):
             return False
         with torch.no_grad():
-            w = wb @ wa
-            bias = None
-            if ma.bias is not None:
-                bias = wb @ ma.bias
-            if mb.bias is not None:
-                bias = mb.bias.clone() if bias is None else bias + mb.bias
+            w, bias = compose_linear(wa, ma.bias, wb, mb.bias)
         merged = type(ma)(wa.shape[1], wb.shape[0], **({"kernel_size": 1} if not isinstance(ma, nn.Linear) else {}),
                           bias=bias is not None).to(ma.weight)
         with torch.no_grad():
@@ -280,12 +276,7 @@ class MergeLinear:
         if after >= before or t * s * positions > _params(ma, ml):
             return False
         with torch.no_grad():
-            wl = ml.weight.reshape(t, c, positions)
-            w = torch.einsum("tcp,cs->tsp", wl, wa).reshape(t, s * positions)
-            bias = ml.bias.clone() if ml.bias is not None else None
-            if ma.bias is not None:
-                extra = torch.einsum("tcp,c->t", wl, ma.bias)
-                bias = extra if bias is None else bias + extra
+            w, bias = fold_into_flat_linear(ml.weight, ml.bias, wa, ma.bias)
         merged = nn.Linear(s * positions, t, bias=bias is not None).to(ml.weight)
         with torch.no_grad():
             merged.weight.copy_(w)
@@ -310,7 +301,7 @@ class MergeLinear:
         if after >= before or mb.out_channels * wa.shape[1] * math.prod(mb.kernel_size) > _params(ma, mb):
             return False
         with torch.no_grad():
-            w = torch.einsum("tr...,rs->ts...", mb.weight, wa)
+            w = absorb_into_conv(mb.weight, wa)
         merged = type(mb)(wa.shape[1], mb.out_channels, mb.kernel_size, stride=mb.stride, padding=mb.padding,
                           dilation=mb.dilation, bias=mb.bias is not None, padding_mode=mb.padding_mode).to(mb.weight)
         with torch.no_grad():

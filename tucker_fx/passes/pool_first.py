@@ -23,7 +23,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tucker_fx.passes.fold_bn import NOTES_KEY
+from tucker_fx._internal.meta import NOTES_KEY
 from tucker_fx.passes.runner import PassResult
 
 __all__ = ["PoolBeforeActivation"]

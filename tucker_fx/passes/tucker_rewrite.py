@@ -13,7 +13,6 @@ that says so, and ``0`` params/MACs after.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -21,17 +20,17 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from tucker_fx.analysis.costs import SITE_KEY
+from tucker_fx._internal.graph import block_name
+from tucker_fx._internal.meta import ORIGIN_KEY, ORIGINALS_KEY, SITE_KEY, get_site
+from tucker_fx._internal.progress import Progress
 from tucker_fx.analysis.sites import Site
 from tucker_fx.errors import DecompositionError
 from tucker_fx.passes.blocks import TuckerBlock, build_block
 from tucker_fx.passes.runner import PassResult
 from tucker_fx.planning.plan import LayerPlan, Plan
-from tucker_fx.reporting.progress import Progress
 
 __all__ = ["TuckerRewrite", "ORIGIN_KEY", "DEAD_REASON", "block_name", "dead_nodes"]
 
-ORIGIN_KEY = "tucker_fx.origin"
 DEAD_REASON = ("dead code: the layer's output does not reach the model's output, so it is removed from the "
                "compressed graph (with its weights) instead of being decomposed")
 
@@ -49,13 +48,6 @@ def dead_nodes(graph: fx.Graph) -> set[fx.Node]:
         if all(user in dead for user in node.users) and not node.is_impure(impure_random):
             dead.add(node)
     return dead
-
-
-def block_name(entry: LayerPlan) -> str:
-    """Where the block of ``entry`` lives in the compressed module."""
-    if not entry.functional:
-        return entry.name
-    return re.sub(r"\W", "_", entry.node) + "_tucker"
 
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -92,7 +84,10 @@ def _conv_args(site: Site) -> dict:
 
 @dataclass
 class TuckerRewrite:
-    """Graph pass: replace the plan's layers by decomposed blocks. Fills ``weight_error``."""
+    """Graph pass: replace the plan's layers by decomposed blocks. Fills ``weight_error``.
+
+    Hands the layer each block replaced to the lowering in ``gm.meta[ORIGINALS_KEY]`` (by plan
+    name; ``originals`` is the same mapping, kept for callers that run the pass by hand)."""
 
     plan: Plan
     hooi_iters: int = 2
@@ -112,7 +107,7 @@ class TuckerRewrite:
                 self._mark_dead(entry)
         for i, entry in enumerate(applied):
             node = nodes.get(entry.node)
-            site: Optional[Site] = node.meta.get(SITE_KEY) if node is not None else None
+            site: Optional[Site] = get_site(node) if node is not None else None
             if site is None or site.display_name != entry.name:
                 raise ValueError(
                     f"the plan's layer {entry.name!r} (node {entry.node!r}) is not a conv/linear "
@@ -132,6 +127,7 @@ class TuckerRewrite:
                 self.blocks.pop(entry.name, None)
                 self.originals.pop(entry.name, None)
                 self._mark_dead(entry)
+        gm.meta[ORIGINALS_KEY] = dict(self.originals)
         return PassResult(gm, bool(applied))
 
     @staticmethod

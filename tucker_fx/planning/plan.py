@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import json
 import os
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Iterator, Optional, Union
 
-__all__ = ["LayerPlan", "Plan", "PLAN_VERSION", "KINDS", "CAPTURES"]
+from tucker_fx.planning.schema import SchemaError, check_types
+
+__all__ = ["LayerPlan", "Plan", "PLAN_VERSION", "KINDS", "CAPTURES", "check_plan_data"]
 
 PLAN_VERSION = 1
 KINDS = ("tucker2", "tucker1", "svd", "none")
@@ -72,25 +75,70 @@ class LayerPlan:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "LayerPlan":
-        if not isinstance(data, dict):
-            raise ValueError(f"a plan entry must be a JSON object, got {type(data).__name__}: {data!r}")
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown plan entry fields {sorted(unknown)}; expected a subset of {sorted(known)}")
-        required = {"name", "node", "op", "kind", "ranks", "full_ranks"}
-        missing = required - set(data)
-        if missing:
-            raise ValueError(f"plan entry {data.get('name', '?')!r} lacks the field(s) {sorted(missing)}")
-        data = dict(data)
-        for key in ("ranks", "full_ranks", "feature_shape"):
-            if data.get(key) is not None:
-                value = data[key]
-                if not isinstance(value, (list, tuple)) or not all(
-                        isinstance(v, int) and not isinstance(v, bool) for v in value):
-                    raise ValueError(f"plan entry {data['name']!r}: {key} must be a list of ints, got {value!r}")
-                data[key] = tuple(value)
-        return cls(**data)
+        """An entry of ``Plan.to_dict()["layers"]``, checked by :func:`check_plan_data`'s rules."""
+        _check_entry(data, None, _layer_hints())
+        return cls._from_checked(data)
+
+    @classmethod
+    def _from_checked(cls, data: dict[str, Any]) -> "LayerPlan":
+        return cls(**{k: tuple(v) if k in _INT_LIST_FIELDS and v is not None else v for k, v in data.items()})
+
+
+_REQUIRED_FIELDS = ("name", "node", "op", "kind", "ranks", "full_ranks")
+_INT_LIST_FIELDS = ("ranks", "full_ranks", "feature_shape")
+
+
+def _layer_hints() -> dict[str, Any]:
+    return typing.get_type_hints(LayerPlan)
+
+
+def _check_entry(data: Any, index: Optional[int], hints: dict[str, Any]) -> None:
+    """One plan entry: a JSON object with known fields, the required ones, each of its type."""
+    if not isinstance(data, dict):
+        raise SchemaError(f"a plan entry must be a JSON object, got {type(data).__name__}: {data!r}")
+    known = {f.name for f in fields(LayerPlan)}
+    unknown = set(data) - known
+    if unknown:
+        raise SchemaError(f"unknown plan entry fields {sorted(unknown)}; expected a subset of {sorted(known)}")
+    missing = set(_REQUIRED_FIELDS) - set(data)
+    if missing:
+        raise SchemaError(f"plan entry {data.get('name', '?')!r} lacks the field(s) {sorted(missing)}")
+    for key in _INT_LIST_FIELDS:
+        value = data.get(key)
+        if value is not None and (not isinstance(value, (list, tuple)) or not all(
+                isinstance(v, int) and not isinstance(v, bool) for v in value)):
+            raise SchemaError(f"plan entry {data['name']!r}: {key} must be a list of ints, got {value!r}")
+    where = f"plan.layers[{index}] ({data['name']!r})" if index is not None else f"plan entry {data['name']!r}"
+    check_types(data, hints, where)
+
+
+def check_plan_data(data: Any) -> None:
+    """Check a plan as JSON gives it (``Plan.to_dict()``'s form): the layout, the version, and every
+    entry's fields and their types. The one check of plan data: ``Plan.from_dict`` (so
+    ``Plan.load``) and ``tucker_fx.load`` (a save's manifest) both use it. Raises
+    :class:`~tucker_fx.planning.schema.SchemaError` (a ``ValueError``) naming the first problem.
+
+    >>> check_plan_data({"version": 1, "layers": [{"name": "fc", "node": "fc", "op": "linear"}]})
+    Traceback (most recent call last):
+    ...
+    tucker_fx.planning.schema.SchemaError: plan entry 'fc' lacks the field(s) ['full_ranks', 'kind', 'ranks']
+    """
+    if not isinstance(data, dict) or "layers" not in data:
+        raise SchemaError("expected a plan dict with 'version' and 'layers'")
+    version = data.get("version")
+    if version != PLAN_VERSION:
+        raise SchemaError(f"plan version {version!r} is not supported; expected {PLAN_VERSION}")
+    layers, notes = data["layers"], data.get("notes", [])
+    if not isinstance(layers, list):
+        raise SchemaError(f"the plan's 'layers' must be a list of entries, got {type(layers).__name__}")
+    if not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
+        raise SchemaError(f"the plan's 'notes' must be a list of strings, got {notes!r}")
+    capture = data.get("capture")
+    if capture is not None and capture not in CAPTURES:
+        raise SchemaError(f"the plan's 'capture' must be one of {list(CAPTURES)} or null, got {capture!r}")
+    hints = _layer_hints()
+    for i, entry in enumerate(layers):
+        _check_entry(entry, i, hints)
 
 
 _CAPTURE_TEXT = {
@@ -140,21 +188,10 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Plan":
-        if not isinstance(data, dict) or "layers" not in data:
-            raise ValueError("expected a plan dict with 'version' and 'layers'")
-        version = data.get("version")
-        if version != PLAN_VERSION:
-            raise ValueError(f"plan version {version!r} is not supported; expected {PLAN_VERSION}")
-        layers, notes = data["layers"], data.get("notes", [])
-        if not isinstance(layers, list):
-            raise ValueError(f"the plan's 'layers' must be a list of entries, got {type(layers).__name__}")
-        if not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
-            raise ValueError(f"the plan's 'notes' must be a list of strings, got {notes!r}")
-        capture = data.get("capture")
-        if capture is not None and capture not in CAPTURES:
-            raise ValueError(f"the plan's 'capture' must be one of {list(CAPTURES)} or null, got {capture!r}")
-        return cls([LayerPlan.from_dict(l) for l in layers], version=PLAN_VERSION, notes=list(notes),
-                   capture=capture)
+        """The plan of ``to_dict()``'s form, checked by :func:`check_plan_data` (``ValueError``)."""
+        check_plan_data(data)
+        return cls([LayerPlan._from_checked(l) for l in data["layers"]], version=PLAN_VERSION,
+                   notes=list(data.get("notes", [])), capture=data.get("capture"))
 
     def to_json(self, **kwargs: Any) -> str:
         return json.dumps(self.to_dict(), **kwargs)

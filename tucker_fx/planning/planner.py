@@ -16,8 +16,9 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from tucker_fx._internal.meta import COST_KEY, get_site
+from tucker_fx._internal.progress import Progress
 from tucker_fx.analysis.cost_registry import batched
-from tucker_fx.analysis.costs import COST_KEY, SITE_KEY
 from tucker_fx.analysis.sites import Site
 from tucker_fx.config import TuckerConfig
 from tucker_fx.decomposition import evbmf, unfold, vbmf_ranks
@@ -30,7 +31,6 @@ from tucker_fx.planning.block_costs import (
     tucker2_linear_cost,
 )
 from tucker_fx.planning.plan import LayerPlan, Plan
-from tucker_fx.reporting.progress import Progress
 
 __all__ = ["build_plan", "candidate_sites", "flatten_source", "check_plan_entry"]
 
@@ -70,7 +70,7 @@ def flatten_source(site: Site, gm: fx.GraphModule) -> Optional[fx.Node]:
 
 def candidate_sites(gm: fx.GraphModule) -> list[Site]:
     """Every conv/linear site of an analysed graph, in graph order."""
-    return [n.meta[SITE_KEY] for n in gm.graph.nodes if SITE_KEY in n.meta]
+    return [site for n in gm.graph.nodes if (site := get_site(n)) is not None]
 
 
 def _op_label(site: Site) -> str:

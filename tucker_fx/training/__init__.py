@@ -9,6 +9,8 @@ Example:
 """
 
 from tucker_fx.training.loop import EarlyStopping, EvalResult, TrainHistory, distillation_loss, evaluate, finetune
+# the MLP lives in tucker_fx.apps.mlp; imported through the old submodule so that the function ``mlp``,
+# bound after it, is what ``tucker_fx.training.mlp`` names (not the submodule)
 from tucker_fx.training.mlp import MLP, mlp
 
 __all__ = ["finetune", "evaluate", "EarlyStopping", "EvalResult", "TrainHistory", "distillation_loss", "MLP", "mlp"]

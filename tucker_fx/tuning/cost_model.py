@@ -1,6 +1,6 @@
 """The cost model used when tuning is off: which lowering of a conv block is likely fastest.
 
-Throughputs were measured on this project's 2-core CPU (DESIGN §2.1): a direct conv with
+Throughputs were measured on this project's 2-core CPU on the THETIS net's C1 (docs/design.md): a direct conv with
 few channels runs far below peak (C1's 2->2 (5,11,11) core: 2.6 GFLOP in ~95 ms), an FFT
 pipeline runs at a steady rate (~150 MFLOP in ~18 ms). The model only has to rank the
 candidates, not predict times.

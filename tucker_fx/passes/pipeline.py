@@ -1,0 +1,165 @@
+"""The passes of ``compress`` and ``lower``, declared.
+
+Each :class:`~tucker_fx.passes.runner.Stage` names its pass, builds it from the
+:class:`~tucker_fx.TuckerConfig` (or is off under it), and declares the facts it ``requires``
+of the graph, ``provides`` and ``invalidates`` (when it modifies the graph). A
+:class:`~tucker_fx.passes.runner.PipelineRun` runs a list of stages: it checks each stage's
+requirements before the stage runs, re-establishes the ones it can (shapes, analysis records)
+when an earlier pass left them stale, and raises a :class:`~tucker_fx.passes.runner.PassError`
+naming the stage and the missing fact otherwise.
+
+The facts (:data:`FACTS`):
+
+- ``shapes``: ``node.meta["tensor_meta"]`` (fake-tensor shape propagation on the example inputs);
+- ``sites``: the analysis records ``SITE_KEY``/``COST_KEY`` on the nodes (``annotate_costs``);
+- ``plan``: the :class:`~tucker_fx.Plan` in ``gm.meta[PLAN_KEY]`` (put there by ``compress`` /
+  ``apply_plan`` after planning);
+- ``originals``: the layer each Tucker block replaced, in ``gm.meta[ORIGINALS_KEY]``; written by
+  the rewrite, read by block lowering, dropped when the pipeline ends.
+
+The pipelines:
+
+- :data:`COMPRESS` = :data:`PREPARE` (BatchNorm folding) then planning (by the caller: it needs
+  the analysis of the folded graph, and a plan with nothing to decompose ends there) then
+  :data:`DECOMPOSE` (rewrite, block lowering, max-pool first, window max, merge of linear maps);
+- :data:`LOWER` = :data:`PREPARE` then the lowering of the plain model (each conv's variant,
+  max-pool first, window max, merge): ``tucker_fx.lower``, the fair baseline.
+
+Other state between passes travels in ``gm.meta`` too: the pass notes (``NOTES_KEY``) and the
+lowering choices of ``lower`` (``LOWERING_KEY``).
+
+Example:
+    >>> import torch, torch.nn as nn
+    >>> from tucker_fx import TuckerConfig
+    >>> from tucker_fx.passes.pipeline import LOWER, pipeline_run
+    >>> net = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2)).eval()
+    >>> x = torch.randn(1, 3, 8, 8)
+    >>> run = pipeline_run(TuckerConfig(tuning_cache=False), (x,), holds=())
+    >>> gm = run.run(torch.fx.symbolic_trace(net), LOWER)
+    >>> run.ran
+    ['fold_batchnorm', 'lower_convs', 'pool_before_activation', 'lower_max_pools', 'merge_linear']
+    >>> bool(torch.allclose(gm(x), net(x), atol=1e-6))
+    True
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Optional
+
+from tucker_fx._internal.meta import ORIGINALS_KEY, PLAN_KEY
+from tucker_fx.analysis.costs import annotate_costs
+from tucker_fx.analysis.shapes import propagate_shapes
+from tucker_fx.config import TuckerConfig
+from tucker_fx.passes.fold_bn import FoldBatchNorm
+from tucker_fx.passes.lowering import LowerBlocks, LowerConvs, LowerMaxPools
+from tucker_fx.passes.merge_linear import MergeLinear
+from tucker_fx.passes.pool_first import PoolBeforeActivation
+from tucker_fx.passes.runner import Fact, PipelineRun, Stage, StageContext, check_stages
+from tucker_fx.passes.tucker_rewrite import TuckerRewrite
+
+__all__ = [
+    "SHAPES", "SITES", "PLAN", "ORIGINALS", "FACTS",
+    "FOLD_BN", "REWRITE", "LOWER_BLOCKS", "POOL_FIRST", "LOWER_MAX_POOLS", "MERGE", "LOWER_CONVS",
+    "PREPARE", "DECOMPOSE", "COMPRESS", "LOWER", "pipeline_run",
+]
+
+SHAPES, SITES, PLAN, ORIGINALS = "shapes", "sites", "plan", "originals"
+
+FACTS: dict[str, Fact] = {
+    SHAPES: Fact(SHAPES, "node.meta['tensor_meta'] from shape propagation on the example inputs",
+                 establish=lambda gm, inputs: propagate_shapes(gm, inputs)),
+    SITES: Fact(SITES, "the analysis records (sites and costs) on the nodes, from annotate_costs",
+                establish=lambda gm, inputs: annotate_costs(gm), needs=(SHAPES,)),
+    PLAN: Fact(PLAN, f"the plan in gm.meta[{PLAN_KEY!r}]", meta_key=PLAN_KEY),
+    ORIGINALS: Fact(ORIGINALS, f"the original layers of the Tucker blocks in gm.meta[{ORIGINALS_KEY!r}], "
+                               "written by the rewrite", meta_key=ORIGINALS_KEY, transient=True),
+}
+"""The facts a stage may require, provide or invalidate."""
+
+
+def _lowering(config: TuckerConfig) -> bool:
+    return config.lowering == "auto"
+
+
+def _fold_bn(ctx: StageContext) -> Optional[FoldBatchNorm]:
+    return FoldBatchNorm() if ctx.config.fold_bn else None
+
+
+def _rewrite(ctx: StageContext) -> TuckerRewrite:
+    c = ctx.config
+    return TuckerRewrite(ctx.meta(PLAN_KEY), hooi_iters=c.hooi_iters, solver=c.tucker_solver, progress=ctx.progress)
+
+
+def _lower_blocks(ctx: StageContext) -> Optional[LowerBlocks]:
+    c = ctx.config
+    if not _lowering(c):
+        return None
+    return LowerBlocks(ctx.meta(PLAN_KEY), tune=c.tune, cache=ctx.cache(), repeats=c.tuning_repeats,
+                       tolerance=c.lowering_tolerance, allow_original=c.keep_original_if_faster,
+                       progress=ctx.progress)
+
+
+def _pool_first(ctx: StageContext) -> Optional[PoolBeforeActivation]:
+    return PoolBeforeActivation() if _lowering(ctx.config) else None
+
+
+def _lower_max_pools(ctx: StageContext) -> Optional[LowerMaxPools]:
+    c = ctx.config
+    return LowerMaxPools(tune=c.tune, cache=ctx.cache(), repeats=c.tuning_repeats) if _lowering(c) else None
+
+
+def _merge(ctx: StageContext) -> Optional[MergeLinear]:
+    return MergeLinear() if ctx.config.merge else None
+
+
+def _lower_convs(ctx: StageContext) -> Optional[LowerConvs]:
+    c = ctx.config
+    if not _lowering(c):
+        return None
+    return LowerConvs(tune=c.tune, cache=ctx.cache(), repeats=c.tuning_repeats, tolerance=c.lowering_tolerance)
+
+
+FOLD_BN = Stage("fold_batchnorm", _fold_bn, invalidates=(SHAPES, SITES),
+                doc="eval-mode BatchNorm folded into the conv/linear before it (config.fold_bn)")
+REWRITE = Stage("tucker_rewrite", _rewrite, requires=(PLAN, SITES), provides=(ORIGINALS,), invalidates=(SHAPES, SITES),
+                doc="each planned layer becomes its Tucker block")
+LOWER_BLOCKS = Stage("lower_blocks", _lower_blocks, requires=(PLAN, ORIGINALS, SHAPES), invalidates=(SITES,),
+                     doc="each block runs as its fastest variant (config.lowering='auto'); the node that replaces "
+                         "a block carries the block's output tensor_meta")
+POOL_FIRST = Stage("pool_before_activation", _pool_first, invalidates=(SITES,),
+                   doc="max-pooling moved before monotone activations (config.lowering='auto'); keeps tensor_meta")
+LOWER_MAX_POOLS = Stage("lower_max_pools", _lower_max_pools, requires=(SHAPES,), invalidates=(SITES,),
+                        doc="tiling max pools run as WindowMax where faster (config.lowering='auto')")
+MERGE = Stage("merge_linear", _merge, requires=(SHAPES,), invalidates=(SITES,),
+              doc="adjacent linear maps merged where MACs drop (config.merge); merged nodes carry tensor_meta")
+LOWER_CONVS = Stage("lower_convs", _lower_convs, requires=(SHAPES,), invalidates=(SITES,),
+                    doc="each plain conv runs as its fastest variant (config.lowering='auto'); choices in "
+                        "gm.meta[LOWERING_KEY]")
+
+PREPARE: tuple[Stage, ...] = (FOLD_BN,)
+"""Before planning: the planner sees the folded layers."""
+DECOMPOSE: tuple[Stage, ...] = (REWRITE, LOWER_BLOCKS, POOL_FIRST, LOWER_MAX_POOLS, MERGE)
+"""After planning (requires the plan in ``gm.meta``)."""
+COMPRESS: tuple[Stage, ...] = PREPARE + DECOMPOSE
+"""``compress`` and ``apply_plan``: :data:`PREPARE`, planning, :data:`DECOMPOSE`."""
+LOWER: tuple[Stage, ...] = PREPARE + (LOWER_CONVS, POOL_FIRST, LOWER_MAX_POOLS, MERGE)
+"""``lower``: the same lowering passes on the undecomposed model."""
+
+_ANALYSED = (SHAPES, SITES)  # what a freshly analysed capture holds
+check_stages(PREPARE, FACTS, given=_ANALYSED)
+check_stages(DECOMPOSE, FACTS, given=_ANALYSED + (PLAN,))
+check_stages(LOWER, FACTS, given=_ANALYSED)
+
+
+def pipeline_run(config: TuckerConfig, example_inputs: Optional[tuple], *, holds: Iterable[str] = _ANALYSED,
+                 progress: Optional[Any] = None) -> PipelineRun:
+    """A :class:`~tucker_fx.passes.runner.PipelineRun` over :data:`FACTS`; ``holds`` defaults to what
+    a freshly analysed capture holds (shapes and sites).
+
+    Example:
+        >>> import torch
+        >>> from tucker_fx import TuckerConfig
+        >>> pipeline_run(TuckerConfig(), (torch.randn(1, 3),)).holds(torch.fx.symbolic_trace(torch.nn.ReLU()), "shapes")
+        True
+    """
+    return PipelineRun(config, example_inputs, FACTS, holds=holds, progress=progress)
