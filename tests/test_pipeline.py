@@ -39,9 +39,10 @@ def _analysed(model: nn.Module) -> fx.GraphModule:
 
 def test_pipelines_are_declared_in_order() -> None:
     assert [s.name for s in COMPRESS] == ["fold_batchnorm", "tucker_rewrite", "lower_blocks",
-                                          "pool_before_activation", "lower_max_pools", "merge_linear"]
+                                          "pool_before_activation", "lower_max_pools", "merge_linear",
+                                          "fast_kernels"]
     assert [s.name for s in LOWER] == ["fold_batchnorm", "lower_convs", "pool_before_activation",
-                                       "lower_max_pools", "merge_linear"]
+                                       "lower_max_pools", "merge_linear", "fast_kernels"]
     check_stages(DECOMPOSE, FACTS, given=("shapes", "sites", "plan"))
     with pytest.raises(PassError, match="'tucker_rewrite' requires 'plan'"):
         check_stages(COMPRESS, FACTS, given=("shapes", "sites"))  # planning runs between PREPARE and DECOMPOSE

@@ -1,0 +1,148 @@
+"""Speed of the compressed zoo at realistic sizes: FLOPs cut, time ratio and realisation, side by side.
+
+    python benchmarks/zoo_speed.py                          # every model, rank 0.25, eager
+    python benchmarks/zoo_speed.py --models resnet3d18 --inductor --json out.json
+
+Per model: the original (eager), ``tucker_fx.lower`` of the original (the fair baseline: the same
+lowering passes, no decomposition), and ``tucker_fx.compress`` at ``--rank`` with the default
+config otherwise, timed interleaved in one process (medians and min-max of ``--repeats`` runs).
+Realisation = (original time / compressed time) / (FLOPs ratio). ``--ablate`` also times the
+compressed model built without the ``fast_kernels`` stage (what the release before it gave).
+With ``--inductor``, the original and the compressed model are also compiled with inductor.
+Random weights: right for speed, meaningless for accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+import tucker_fx
+from tucker_fx._internal.timing import compare_samples
+from tucker_fx.testing.zoo import randomize_norms
+
+
+def _resnet3d18() -> nn.Module:
+    from tucker_fx.testing.resnet3d import resnet3d18
+    return resnet3d18()
+
+
+def _thetis() -> nn.Module:
+    from tucker_fx.apps.paper.model import thetis_net
+    return thetis_net()
+
+
+def _monai(name: str) -> Callable[[], nn.Module]:
+    def make() -> nn.Module:
+        from monai.networks import nets
+        if name == "resnet10":
+            return nets.ResNet("basic", [1, 1, 1, 1], [64, 128, 256, 512], spatial_dims=3, n_input_channels=1,
+                               num_classes=2)
+        if name == "segresnet":
+            return nets.SegResNet(3, init_filters=16, in_channels=1, out_channels=2)
+        if name == "unet":
+            return nets.UNet(3, 1, 2, channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2), num_res_units=2,
+                             norm="batch")
+        if name == "basic_unet":
+            return nets.BasicUNet(3, 1, 2, norm="batch")
+        if name == "dynunet":
+            return nets.DynUNet(3, 1, 2, kernel_size=[3, 3, 3, 3], strides=[1, 2, 2, 2], upsample_kernel_size=[2, 2, 2],
+                                filters=[32, 64, 128, 256], res_block=True)
+        raise ValueError(name)
+    return make
+
+
+MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
+    "thetis": (_thetis, (1, 4, 28, 120, 160)),
+    "resnet3d18": (_resnet3d18, (1, 3, 16, 112, 112)),
+    "monai_resnet10": (_monai("resnet10"), (1, 1, 64, 64, 64)),
+    "monai_segresnet": (_monai("segresnet"), (1, 1, 64, 64, 64)),
+    "monai_unet": (_monai("unet"), (1, 1, 64, 64, 64)),
+    "monai_basic_unet": (_monai("basic_unet"), (1, 1, 64, 64, 64)),
+    "monai_dynunet": (_monai("dynunet"), (1, 1, 64, 64, 64)),
+}
+
+
+def measure(name: str, rank: float, repeats: int, inductor: bool, ablate: bool) -> dict[str, Any]:
+    factory, shape = MODELS[name]
+    torch.manual_seed(0)
+    model = randomize_norms(factory()).eval()
+    x = torch.randn(shape)
+    config = tucker_fx.TuckerConfig(rank=rank, progress=False) if name != "thetis" else None  # THETIS: the paper's ranks
+    start = time.perf_counter()
+    if config is None:
+        from tucker_fx.apps.paper.model import thetis_paper_config
+        config = thetis_paper_config()
+    result = tucker_fx.compress(model, x, config=config)
+    compress_s = time.perf_counter() - start
+    lowered = tucker_fx.lower(model, x)
+    fns: dict[str, Callable[[], Any]] = {"original": lambda: model(x), "lowered original": lambda: lowered(x),
+                                         "compressed": lambda: result.module(x)}
+    if ablate:
+        from tucker_fx.passes.fast_kernels import UseFastKernels
+        from tucker_fx.passes.runner import PassResult
+        keep = UseFastKernels.__call__
+        UseFastKernels.__call__ = lambda self, gm: PassResult(gm, False)  # type: ignore[method-assign]
+        try:
+            before = tucker_fx.compress(model, x, config=config.replace(validate=False)).module
+        finally:
+            UseFastKernels.__call__ = keep  # type: ignore[method-assign]
+        fns["compressed, no fast kernels"] = lambda: before(x)
+    if inductor:
+        torch._dynamo.reset()
+        orig_c, comp_c = torch.compile(model), torch.compile(result.module)
+        with torch.no_grad():
+            orig_c(x), comp_c(x)
+        fns["original inductor"] = lambda: orig_c(x)
+        fns["compressed inductor"] = lambda: comp_c(x)
+    samples = compare_samples(fns, repeats=repeats)
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    flops = result.flops_ratio
+    row: dict[str, Any] = {
+        "model": name, "input": list(shape), "flops_ratio": flops, "params_ratio": result.params_ratio,
+        "compress_s": compress_s, "rel_error": result.validation.rel_error if result.validation else None,
+        "ms": med, "spread_ms": {k: [min(v), max(v)] for k, v in samples.items()},
+        "speedup": med["original"] / med["compressed"],
+        "realisation": med["original"] / med["compressed"] / flops,
+        "speedup_vs_lowered": med["lowered original"] / med["compressed"],
+    }
+    if inductor:
+        row["speedup_inductor"] = med["original inductor"] / med["compressed inductor"]
+    if ablate:
+        row["speedup_no_fast_kernels"] = med["original"] / med["compressed, no fast kernels"]
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {list(MODELS)}")
+    p.add_argument("--rank", type=float, default=0.25, help="rank fraction for every layer (THETIS: paper ranks)")
+    p.add_argument("--repeats", type=int, default=9, help="timed runs per variant (interleaved)")
+    p.add_argument("--inductor", action="store_true", help="also time inductor compiles of both")
+    p.add_argument("--ablate", action="store_true", help="also time the compressed model without fast kernels")
+    p.add_argument("--json", metavar="PATH")
+    args = p.parse_args(argv)
+    rows = []
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, rank {args.rank}", file=sys.stderr)
+    for name in args.models.split(","):
+        row = measure(name, args.rank, args.repeats, args.inductor, args.ablate)
+        rows.append(row)
+        ms = "  ".join(f"{k} {v:.1f}" for k, v in row["ms"].items())
+        extra = "".join(f"  {k} x{row[k]:.2f}" for k in ("speedup_no_fast_kernels", "speedup_inductor") if k in row)
+        print(f"{name}: FLOPs x{row['flops_ratio']:.2f}  speed-up x{row['speedup']:.2f}  realisation "
+              f"{row['realisation']:.2f}  vs lowered x{row['speedup_vs_lowered']:.2f}{extra}  | ms: {ms}", flush=True)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(rows, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,146 @@
+"""Convs that ATen runs far below the machine's speed, as the products they are.
+
+A 1x1(x1) conv is a matrix product over channels at every position. ATen sends a batch-1 fp32
+Conv3d to mkldnn or to its slow im2col path by a size heuristic, and both are slow for the
+small channel counts that a decomposition makes (the first/last maps of a Tucker block):
+measured on the 2-core CPU, a 64 -> 16 1x1x1 conv on 16x56x56 positions ran ~3x faster as
+``matmul``. :class:`PointwiseConv` is that product, in either memory layout, with the conv's
+stride (a 1x1 kernel with stride s reads every s-th position).
+
+A small-channel core conv (e.g. 16 -> 16, 3x3x3) is sent by the same heuristic to
+``slow_conv3d``, which unfolds the input and multiplies skinny matrices; ``torch.mkldnn_convolution``
+runs the same conv with mkldnn's direct kernels. :class:`MkldnnConv` calls it on the CPU (float32,
+bfloat16) in eager mode and is the ordinary conv elsewhere: on other devices (a module built on the
+CPU still runs on a GPU), on fake tensors (shape propagation), and under ``torch.compile`` /
+``torch.export`` (the graph gets a plain conv, which exports anywhere and which inductor lowers
+its own way).
+
+Both keep the conv's ``weight``/``bias`` as Parameters of the same shapes (a state dict of the
+conv loads into them), are exact (the same products in another order), and differentiable.
+
+Example:
+    >>> import torch, torch.nn as nn
+    >>> from tucker_fx.kernels.pointwise import PointwiseConv
+    >>> conv = nn.Conv3d(8, 4, 1, stride=2)
+    >>> x = torch.randn(2, 8, 4, 6, 6)
+    >>> bool(torch.allclose(PointwiseConv.from_conv(conv)(x), conv(x), atol=1e-6))
+    True
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
+
+__all__ = ["PointwiseConv", "MkldnnConv", "is_pointwise", "mkldnn_eligible"]
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
+def is_pointwise(conv: nn.Module) -> bool:
+    """A conv that :class:`PointwiseConv` computes exactly: kernel 1, no padding, dilation 1,
+    one group, zero padding mode."""
+    return (isinstance(conv, _CONVS) and all(k == 1 for k in conv.kernel_size)
+            and not isinstance(conv.padding, str) and all(p == 0 for p in conv.padding)
+            and conv.groups == 1 and conv.padding_mode == "zeros")
+
+
+def mkldnn_eligible(conv: nn.Module) -> bool:
+    """A conv that ``torch.mkldnn_convolution`` computes exactly: numeric padding with zeros."""
+    return (isinstance(conv, _CONVS) and not isinstance(conv.padding, str) and conv.padding_mode == "zeros"
+            and torch.backends.mkldnn.is_available())
+
+
+@torch.fx.wrap
+def _pointwise(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: tuple[int, ...]) -> Tensor:
+    # one node for torch.fx.symbolic_trace: the branches read the input's layout
+    fmt = _CHANNELS_LAST.get(x.dim())
+    channels_last = fmt is not None and not x.is_contiguous() and x.is_contiguous(memory_format=fmt)
+    if any(s != 1 for s in stride):
+        x = x[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in stride)]
+    n, c, spatial = x.shape[0], x.shape[1], x.shape[2:]
+    w = weight.reshape(weight.shape[0], c)
+    if channels_last:
+        # channels-last: positions x channels is already a matrix; the result keeps the layout
+        rows = x.permute(0, *range(2, x.dim()), 1).reshape(-1, c)
+        y = F.linear(rows, w, bias).reshape(n, *spatial, w.shape[0])
+        return y.permute(0, x.dim() - 1, *range(1, x.dim() - 1))
+    cols = x.reshape(n, c, -1)  # a view for a contiguous input
+    if n == 1 and not torch.compiler.is_compiling():
+        # (R, C) @ (C, positions): torch.matmul would fold a batched (1, C, P) operand the other way
+        # round and copy it transposed (measured: that copy was ~40% of a compressed ResNet3d-18)
+        y = torch.mm(w, cols[0]) if bias is None else torch.addmm(bias.reshape(-1, 1), w, cols[0])
+        return y.reshape(1, w.shape[0], *spatial)
+    y = torch.bmm(w.unsqueeze(0).expand(n, -1, -1), cols)
+    if bias is not None:
+        y = y + bias.reshape(1, -1, 1)
+    return y.reshape(n, w.shape[0], *spatial)
+
+
+class PointwiseConv(nn.Module):
+    """A 1x1 conv (1D/2D/3D, any stride, bias or not) as a matrix product over channels."""
+
+    def __init__(self, weight: Tensor, bias: Optional[Tensor], stride: tuple[int, ...]) -> None:
+        super().__init__()
+        if weight.dim() < 3 or any(k != 1 for k in weight.shape[2:]):
+            raise ValueError(f"PointwiseConv: expected a weight (out, in, 1, ...), got shape {tuple(weight.shape)}")
+        if len(stride) != weight.dim() - 2:
+            raise ValueError(f"PointwiseConv: expected {weight.dim() - 2} strides, got {stride}")
+        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+        self.stride = tuple(int(s) for s in stride)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Module) -> "PointwiseConv":
+        """The same map as ``conv`` (which :func:`is_pointwise` accepts), its tensors copied."""
+        if not is_pointwise(conv):
+            raise ValueError(f"PointwiseConv.from_conv: expected a 1x1 conv without padding or groups, got {conv}")
+        return cls(conv.weight, conv.bias, tuple(conv.stride))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _pointwise(x, self.weight, self.bias, self.stride)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[1]}, {self.weight.shape[0]}, stride={self.stride}, bias={self.bias is not None}"
+
+
+@torch.fx.wrap
+def _mkldnn_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: tuple[int, ...],
+                 padding: tuple[int, ...], dilation: tuple[int, ...], groups: int) -> Tensor:
+    if (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and x.dim() == weight.dim()
+            and not torch.compiler.is_compiling() and not is_fake(x)):
+        return torch.mkldnn_convolution(x, weight, bias, padding, stride, dilation, groups)
+    # fake tensors (shape propagation), torch.compile/export (a plain conv in the graph: portable,
+    # and inductor chooses its own kernel), other devices and dtypes
+    conv = (F.conv1d, F.conv2d, F.conv3d)[weight.dim() - 3]
+    return conv(x, weight, bias, stride, padding, dilation, groups)
+
+
+class MkldnnConv(nn.Module):
+    """A conv run by ``torch.mkldnn_convolution`` on the CPU (float32, bfloat16), else by ``F.convNd``."""
+
+    def __init__(self, conv: nn.Module) -> None:
+        super().__init__()
+        if not mkldnn_eligible(conv):
+            raise ValueError(f"MkldnnConv: expected a Conv1d/2d/3d with numeric zero padding, got {conv}")
+        self.weight = nn.Parameter(conv.weight.detach().clone(), requires_grad=conv.weight.requires_grad)
+        b = conv.bias
+        self.bias = None if b is None else nn.Parameter(b.detach().clone(), requires_grad=b.requires_grad)
+        self.stride = tuple(conv.stride)
+        self.padding = tuple(conv.padding)
+        self.dilation = tuple(conv.dilation)
+        self.groups = conv.groups
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _mkldnn_conv(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def extra_repr(self) -> str:
+        w = self.weight
+        return (f"{w.shape[1] * self.groups}, {w.shape[0]}, kernel_size={tuple(w.shape[2:])}, stride={self.stride}, "
+                f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, bias={self.bias is not None}")

@@ -1,0 +1,126 @@
+"""Graph pass: plain convs that ATen would run far below the machine's speed get a kernel that does not.
+
+A decomposition turns one wide conv into a 1x1 channel map, a narrow core conv and another
+1x1 map. On the CPU, ATen runs a batch-1 fp32 Conv3d through mkldnn or through its slow
+im2col path by a size heuristic, and both are slow for these shapes (profile of the compressed
+3D ResNet-18 at rank 0.25, docs/benchmarks.md): the 16 -> 16 3x3x3 cores ran on
+``slow_conv3d_forward`` at a few GFLOP/s and the 1x1x1 maps through mkldnn with layout
+reorders. This pass, the last of ``compress`` and of ``lower`` (so the fair baseline gets it
+too), replaces
+
+- each 1x1 conv (no padding, one group) by :class:`~tucker_fx.kernels.pointwise.PointwiseConv`,
+  a ``matmul`` over channels, where :func:`pointwise_wins` says so;
+- each 3-d conv that :func:`mkldnn_wins` picks by :class:`~tucker_fx.kernels.pointwise.MkldnnConv`
+  (``torch.mkldnn_convolution``).
+
+Both are exact. The rules are deterministic functions of the layer's shapes, device and dtype
+(measured on this project's 2-core CPU; see the functions), so ``tucker_fx.load`` rebuilds the
+same graph; the choices go to the notes (``gm.meta[NOTES_KEY]``).
+
+Example:
+    >>> import torch, torch.nn as nn
+    >>> from tucker_fx.analysis.shapes import propagate_shapes
+    >>> from tucker_fx.passes.fast_kernels import UseFastKernels
+    >>> net = nn.Sequential(nn.Conv3d(64, 16, 1), nn.ReLU(), nn.Conv3d(16, 16, 3, padding=1)).eval()
+    >>> gm = torch.fx.symbolic_trace(net)
+    >>> x = torch.randn(1, 64, 8, 28, 28)
+    >>> propagate_shapes(gm, (x,))
+    >>> _ = UseFastKernels()(gm)
+    >>> [type(m).__name__ for m in gm.children()]
+    ['PointwiseConv', 'ReLU', 'MkldnnConv']
+    >>> bool(torch.allclose(gm(x), net(x), atol=1e-4))
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from tucker_fx._internal.meta import NOTES_KEY
+from tucker_fx.analysis.cost_registry import REGISTRY, CostContext, OpCost, conv_macs
+from tucker_fx.kernels.pointwise import MkldnnConv, PointwiseConv, is_pointwise, mkldnn_eligible
+from tucker_fx.passes.runner import PassResult
+
+__all__ = ["UseFastKernels", "pointwise_wins", "mkldnn_wins"]
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_MKLDNN_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def pointwise_wins(conv: nn.Module, x_shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> bool:
+    """A 1x1 conv on the CPU with enough positions to amortise a call: the ``matmul`` form wins.
+
+    Measured (2-core CPU, fp32, medians of interleaved runs): x2-4 on every 1x1 conv tried, 2-d and
+    3-d, batch 1 to 8, 8 to 512 channels (64 -> 16 on 16x56x56: 0.95 -> 0.44 ms); equal below ~100
+    positions, where the call costs more than the arithmetic.
+    """
+    if not is_pointwise(conv) or device.type != "cpu" or len(x_shape) != conv.weight.dim():
+        return False
+    return math.prod(x_shape[2:]) >= 128
+
+
+def mkldnn_wins(conv: nn.Module, x_shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> bool:
+    """A 3-d conv (kernel > 1) on the CPU that ATen would give to ``slow_conv3d``, with few channels.
+
+    ATen uses mkldnn for a Conv3d only when ``N * C_in * D * H`` is large; below that it unfolds
+    the input and multiplies skinny matrices (``slow_conv3d_forward``). Measured (2-core CPU, fp32,
+    batch 1, 3x3x3): ``torch.mkldnn_convolution`` ran x1.5-9 faster on every such conv tried, from
+    16 -> 16 on 16x56x56 (34 -> 3.9 ms) to 256 -> 256 on 4x14x14 (10.0 -> 5.5 ms); where ATen
+    already picks mkldnn (and for 2-d convs, which it sends to mkldnn) there is nothing to win.
+    """
+    if (not mkldnn_eligible(conv) or is_pointwise(conv) or conv.weight.dim() != 5 or device.type != "cpu"
+            or dtype not in _MKLDNN_DTYPES or len(x_shape) != 5):
+        return False
+    n, c, d, h = x_shape[:4]
+    return n * c * d * h <= 20480
+
+
+@dataclass
+class UseFastKernels:
+    """Graph pass over a graph with ``tensor_meta``: 1x1 convs as ``matmul``, narrow 3-d convs on mkldnn."""
+
+    name: str = "fast_kernels"
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        notes = gm.meta.setdefault(NOTES_KEY, [])
+        chosen: dict[str, list[str]] = {"matmul": [], "mkldnn": []}
+        for node in gm.graph.nodes:
+            if node.op != "call_module" or not node.args or not isinstance(node.args[0], fx.Node):
+                continue
+            conv = gm.get_submodule(str(node.target))
+            meta = node.args[0].meta.get("tensor_meta")
+            if type(conv) not in _CONVS or meta is None:
+                continue
+            shape, device, dtype = tuple(meta.shape), conv.weight.device, meta.dtype
+            if pointwise_wins(conv, shape, device, dtype):
+                new, kind = PointwiseConv.from_conv(conv), "matmul"
+            elif mkldnn_wins(conv, shape, device, dtype):
+                new, kind = MkldnnConv(conv), "mkldnn"
+            else:
+                continue
+            parent, _, leaf = str(node.target).rpartition(".")
+            setattr(gm.get_submodule(parent) if parent else gm, leaf, new)
+            chosen[kind].append(str(node.target))
+        for kind, names in chosen.items():
+            if names:
+                how = "1x1 convs as matmul" if kind == "matmul" else "narrow 3-d convs on mkldnn"
+                shown = ", ".join(names[:6]) + (f", ... ({len(names)} in all)" if len(names) > 6 else "")
+                notes.append(f"{how}: {shown}")
+        return PassResult(gm, any(chosen.values()))
+
+
+@REGISTRY.register(PointwiseConv)
+def _pointwise_cost(ctx: CostContext) -> OpCost:
+    assert isinstance(ctx.module, PointwiseConv) and ctx.out_shape is not None
+    return OpCost("conv", macs=conv_macs(ctx.out_shape, tuple(ctx.module.weight.shape)))
+
+
+@REGISTRY.register(MkldnnConv)
+def _mkldnn_cost(ctx: CostContext) -> OpCost:
+    assert isinstance(ctx.module, MkldnnConv) and ctx.out_shape is not None
+    return OpCost("conv", macs=conv_macs(ctx.out_shape, tuple(ctx.module.weight.shape)))
