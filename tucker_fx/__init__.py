@@ -19,7 +19,8 @@ from tucker_fx.api import CompressionResult, apply_plan, compress, lower
 from tucker_fx.config import TuckerConfig
 from tucker_fx.decomposition import VBMFResult, evbmf
 from tucker_fx.errors import (CaptureWarning, DecompositionError, PlanEditedWarning, PoorCompressionWarning,
-                              ShapePropagationError, TuckerWarning, UntraceableModelError)
+                              ShapePropagationError, SlowerThanOriginalWarning, TuckerWarning,
+                              UntraceableModelError)
 from tucker_fx.io import load, save
 from tucker_fx.planning import LayerPlan, Plan
 from tucker_fx.validation import ValidationReport, validate
@@ -31,7 +32,7 @@ __all__ = [
     "LayerPlan",
     "CompressionResult", "CostReport", "NodeCost", "ValidationReport", "VBMFResult",
     "UntraceableModelError", "ShapePropagationError", "DecompositionError", "TuckerWarning", "CaptureWarning",
-    "PoorCompressionWarning", "PlanEditedWarning", "__version__",
+    "PoorCompressionWarning", "PlanEditedWarning", "SlowerThanOriginalWarning", "__version__",
     "finetune", "evaluate",
 ]
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import statistics
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -24,10 +25,11 @@ import torch.nn as nn
 
 from tucker_fx._internal.meta import CAPTURE_KEY, LOWERING_KEY, NOTES_KEY, PLAN_KEY
 from tucker_fx._internal.progress import Progress
-from tucker_fx.analysis.capture import CAPTURE_PATHS, Captured, capture_model
+from tucker_fx._internal.timing import compare_samples
+from tucker_fx.analysis.capture import CAPTURE_PATHS, Captured, _runnable, capture_model, copy_model
 from tucker_fx.analysis.costs import CostReport, annotate_costs
 from tucker_fx.config import TuckerConfig
-from tucker_fx.errors import DecompositionError, PlanEditedWarning, PoorCompressionWarning
+from tucker_fx.errors import DecompositionError, PlanEditedWarning, PoorCompressionWarning, SlowerThanOriginalWarning
 from tucker_fx.passes.pipeline import DECOMPOSE, LOWER, PREPARE, SHAPES, SITES, pipeline_run
 from tucker_fx.passes.runner import PipelineRun
 from tucker_fx.planning.plan import KINDS, Plan
@@ -56,6 +58,10 @@ class CompressionResult:
     captured (``"symbolic_trace"``, ``"export"``, ``"graph_module"``, ``"exported_program"``; also
     ``plan.capture``).
 
+    ``timing``: with ``TuckerConfig(speed_check=True)`` (the default), the original and the
+    compressed model timed side by side at the example inputs (medians in ms, their spread, the
+    speed-up; and the compiled module's time with ``inductor=True``), else None.
+
     ``plan`` is yours to edit and re-apply (``apply_plan(model, result.plan, x)``); the result
     keeps its own copy of the plan ``module`` was built with (:meth:`built_plan`), which
     ``tucker_fx.save`` writes."""
@@ -70,6 +76,7 @@ class CompressionResult:
     config: Optional[TuckerConfig] = None
     source: Optional[dict[str, Any]] = None
     capture: Optional[str] = None
+    timing: Optional[dict[str, Any]] = None
     _built: Optional[dict[str, Any]] = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -128,6 +135,14 @@ class CompressionResult:
             poor = _poor(self.validation)
             if poor:
                 lines.append(f"WARNING: {poor}")
+        if self.timing is not None:
+            t = self.timing
+            line = (f"time at the example inputs: original {t['original_ms']:.3g} ms, compressed "
+                    f"{t['compressed_ms']:.3g} ms (x{t['speedup']:.2f}, realisation {t['speedup'] / self.flops_ratio:.2f} "
+                    f"of the FLOPs cut)")
+            if "compiled_ms" in t:
+                line += f", compiled {t['compiled_ms']:.3g} ms"
+            lines.append(line + (" -- the machine was busy: rerun to trust these" if t.get("busy") else ""))
         return "\n".join(lines)
 
 
@@ -332,7 +347,47 @@ def _finish(model: nn.Module, gm: fx.GraphModule, reference: Optional[fx.GraphMo
         validation = validate(model, gm, *example_inputs, reference_graph=reference)
         _warn_if_poor(validation)
     compiled = torch.compile(gm) if config.inductor else None
-    return CompressionResult(gm, plan, before, after, validation, compiled, config=config, capture=plan.capture)
+    timing = None
+    if config.speed_check and _runnable(example_inputs):
+        timing, compiled = _speed_check(model, gm, compiled, example_inputs, plan)
+    return CompressionResult(gm, plan, before, after, validation, compiled, config=config, capture=plan.capture,
+                             timing=timing)
+
+
+SPEED_CHECK_REPEATS = 5
+"""Interleaved runs of each model in the speed check (medians)."""
+
+
+def _speed_check(model: nn.Module, gm: fx.GraphModule, compiled: Optional[Callable[..., Any]], inputs: tuple,
+                 plan: Plan) -> tuple[dict[str, Any], Optional[Callable[..., Any]]]:
+    """Time the original, the compressed module (and the compiled one) side by side; warn when the
+    compressed model is slower; keep the compiled module only where it beats the eager one."""
+    original = copy_model(model)  # a copy: a model in training mode updates its BatchNorm statistics
+    fns: dict[str, Callable[[], Any]] = {"original": lambda: original(*inputs), "compressed": lambda: gm(*inputs)}
+    if compiled is not None:
+        with torch.no_grad():
+            compiled(*inputs)  # compile outside the timing
+        fns["compiled"] = lambda: compiled(*inputs)
+    samples = compare_samples(fns, repeats=SPEED_CHECK_REPEATS)
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    busy = [k for k, v in samples.items() if max(v) > 1.5 * min(v)]
+    timing: dict[str, Any] = {f"{k}_ms": m for k, m in med.items()}
+    timing.update(speedup=med["original"] / med["compressed"], repeats=SPEED_CHECK_REPEATS,
+                  spread_ms={k: [min(v), max(v)] for k, v in samples.items()}, busy=bool(busy))
+    noisy = (f" (the runs of {', '.join(busy)} spread by over x1.5: the machine was busy, so rerun before "
+             "trusting this)") if busy else ""
+    if "compiled" in med and med["compiled"] > med["compressed"]:
+        plan.notes.append(f"inductor was slower than the eager lowered module ({med['compiled']:.3g} ms vs "
+                          f"{med['compressed']:.3g} ms): result.compiled is the eager module")
+        compiled = gm
+    if med["compressed"] > 1.05 * med["original"]:
+        message = (f"the compressed model ran slower than the original at the example inputs: "
+                   f"{med['compressed']:.3g} ms vs {med['original']:.3g} ms (medians of {SPEED_CHECK_REPEATS} "
+                   f"interleaved runs){noisy}. Try TuckerConfig(tune=True) (lowerings chosen by measurement, and "
+                   "layers that do not win put back), lower ranks, or exclude the layers whose blocks are slow")
+        plan.notes.append("WARNING: " + message)
+        warnings.warn(message, SlowerThanOriginalWarning, stacklevel=4)
+    return timing, compiled
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])

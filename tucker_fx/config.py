@@ -89,6 +89,10 @@ class TuckerConfig:
         keep_original_if_faster: with ``tune=True``, put the original layer back when it is
             measured faster than every decomposed variant (by > 0.05 ms and > 10%); ``False``
             keeps the compression whatever the timing says.
+        speed_check: after compressing, time the compressed model against the original at the
+            example inputs (a few interleaved runs; ``CompressionResult.timing``) and warn, with the
+            figures, when it is slower; with ``inductor=True`` also time the compiled module and
+            keep it in ``CompressionResult.compiled`` only if it beats the eager one.
     """
 
     rank: RankSpec = "vbmf"
@@ -111,6 +115,7 @@ class TuckerConfig:
     lowering_tolerance: float = 1e-5
     inductor: bool = False
     keep_original_if_faster: bool = True
+    speed_check: bool = True
 
     def __post_init__(self) -> None:
         r = self.rank
@@ -151,7 +156,8 @@ class TuckerConfig:
         tol = self.lowering_tolerance
         if isinstance(tol, bool) or not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
             raise ValueError(f"TuckerConfig.lowering_tolerance: expected a positive number, got {self.lowering_tolerance!r}")
-        for name in ("only_if_cheaper", "validate", "fold_bn", "tune", "merge", "inductor", "keep_original_if_faster"):
+        for name in ("only_if_cheaper", "validate", "fold_bn", "tune", "merge", "inductor", "keep_original_if_faster",
+                     "speed_check"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"TuckerConfig.{name}: expected True or False, got {getattr(self, name)!r}")
         if self.progress not in (True, False, None):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["UntraceableModelError", "ShapePropagationError", "DecompositionError", "TuckerWarning",
+__all__ = ["UntraceableModelError", "ShapePropagationError", "DecompositionError", "TuckerWarning", "SlowerThanOriginalWarning",
            "CaptureWarning", "PoorCompressionWarning", "PlanEditedWarning"]
 
 
@@ -33,3 +33,8 @@ class PoorCompressionWarning(TuckerWarning):
 
 class PlanEditedWarning(TuckerWarning):
     """``result.plan`` was edited after compressing: ``save`` writes the plan the module was built with."""
+
+
+class SlowerThanOriginalWarning(TuckerWarning):
+    """The compressed model ran slower than the original at the example inputs (the figures are in
+    the message and in ``CompressionResult.timing``)."""

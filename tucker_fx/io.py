@@ -532,7 +532,7 @@ def load(path: PathLike, model: nn.Module, *example_inputs: Any) -> CompressionR
     state = _read_weights(directory, manifest)
     cfg = manifest["config"]
     try:
-        config = TuckerConfig(**{k: cfg[k] for k in _STRUCTURAL_FIELDS}, validate=False, tune=False,
+        config = TuckerConfig(**{k: cfg[k] for k in _STRUCTURAL_FIELDS}, validate=False, speed_check=False, tune=False,
                               tuning_cache=False, progress=False, hooi_iters=0)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{file}: bad 'config' entry {cfg!r}; expected the fields "

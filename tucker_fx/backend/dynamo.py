@@ -231,6 +231,7 @@ def _split_options(options: dict[str, Any]) -> tuple[TuckerConfig, str, Optional
         raise ValueError(f"backend='tucker' option max_variants: expected an int >= 1, got {max_variants!r}")
     fields = {k: v for k, v in options.items() if k not in BACKEND_OPTIONS}
     fields.setdefault("progress", False)
+    fields.setdefault("speed_check", False)  # per Dynamo graph, at compile time: the inner compiler decides
     return TuckerConfig(**fields), inner, on_report, max_variants
 
 
