@@ -89,13 +89,40 @@ def _compress_full(model: torch.nn.Module, x: torch.Tensor) -> dict[str, Any]:
     return {"layers": len(result.plan.applied), "error": rel_error(ref, out)}
 
 
-def _compress_half(model: torch.nn.Module, x: torch.Tensor) -> dict[str, Any]:
+_RELOAD = """
+import sys, torch, tucker_fx
+from tucker_fx.testing.zoo import build
+model, x = build(sys.argv[1])
+saved = torch.load(sys.argv[3], weights_only=True)
+out = tucker_fx.load(sys.argv[2], model, x).module(x)
+print(((out - saved).norm() / saved.norm()).item())
+"""
+
+
+def _reload_error(name: str, result: Any, x: torch.Tensor) -> float:
+    """Save the result, load it in a fresh process on a fresh model, and compare the outputs."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = tucker_fx.save(result, tmp + "/saved")
+        with torch.no_grad():
+            torch.save(result.module(x), tmp + "/out.pt")
+        done = subprocess.run([sys.executable, "-c", _RELOAD, name, str(path), tmp + "/out.pt"],
+                              capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "reload failed")
+        return float(done.stdout.strip().splitlines()[-1])
+
+
+def _compress_half(name: str, model: torch.nn.Module, x: torch.Tensor) -> dict[str, Any]:
     start = time.perf_counter()
     result = tucker_fx.compress(model, x, config=tucker_fx.TuckerConfig(rank=0.5, progress=False))
     seconds = time.perf_counter() - start
     with torch.no_grad():
         ref, out = model(x), result.module(x)
-    return {"layers": len(result.plan.applied), "candidates": len(result.plan.layers),
+    return {"capture": result.capture, "reload_error": _reload_error(name, result, x),
+            "layers": len(result.plan.applied), "candidates": len(result.plan.layers),
             "params_before": result.before.total_params, "params_after": result.after.total_params,
             "flops_before": result.before.total_flops, "flops_after": result.after.total_flops,
             "error": rel_error(ref, out),
@@ -119,7 +146,7 @@ def measure(name: str, inners: tuple[str, ...], verbose: bool = False) -> dict[s
     for inner in inners:
         row[f"backend_{inner}"] = _step(row, f"backend[{inner}]", lambda: _backend_run(model, x, inner))
     row["compress_full"] = _step(row, "compress(rank=1.0)", lambda: _compress_full(model, x))
-    row["compress_half"] = _step(row, "compress(rank=0.5)", lambda: _compress_half(model, x))
+    row["compress_half"] = _step(row, "compress(rank=0.5)", lambda: _compress_half(name, model, x))
     del row["_verbose"]
     return row
 
@@ -155,17 +182,18 @@ def to_markdown(rows: list[dict[str, Any]], inners: tuple[str, ...]) -> str:
         cells += [_flt(c, "layers"), _err(c and c["error"])]
         out.append("| " + " | ".join(cells) + " |")
     out += ["", "### compress at rank 0.5 (default config otherwise)", ""]
-    head = ["model", "layers / candidates", "params before", "params after", "GFLOPs before", "GFLOPs after",
-            "error vs model", "validation error", "compress s"]
+    head = ["model", "capture", "layers / candidates", "params before", "params after", "GFLOPs before",
+            "GFLOPs after", "error vs model", "validation error", "compress s", "save/load in a new process"]
     out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         h = r.get("compress_half")
         if not h:
             out.append(f"| {r['model']} |" + " - |" * (len(head) - 1))
             continue
-        out.append(f"| {r['model']} | {h['layers']} / {h['candidates']} | {h['params_before']:,} | "
+        out.append(f"| {r['model']} | {h['capture']} | {h['layers']} / {h['candidates']} | {h['params_before']:,} | "
                    f"{h['params_after']:,} | {h['flops_before'] / 1e9:.4f} | {h['flops_after'] / 1e9:.4f} | "
-                   f"{_err(h['error'])} | {_err(h['validation_error'])} | {h['seconds']:.2f} |")
+                   f"{_err(h['error'])} | {_err(h['validation_error'])} | {h['seconds']:.2f} | "
+                   f"{_err(h['reload_error'])} |")
     failures = [(r["model"], k, v) for r in rows for k, v in r["failures"].items()]
     out += ["", "### Failures", ""]
     if failures:

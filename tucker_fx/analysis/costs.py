@@ -55,6 +55,12 @@ class NodeCost:
     other_flops: int = 0
     module: Optional[str] = None  # qualified name of the module the node belongs to
 
+    @property
+    def label(self) -> str:
+        """How tables name the node: a module's qualified name (``layer1.0.conv1``, as plans name
+        layers) for a module call, else the node's name."""
+        return self.target if self.module is not None and self.target == self.module else self.name
+
 
 @dataclass
 class CostReport:
@@ -119,7 +125,7 @@ class CostReport:
             ins = ", ".join("x".join(map(str, s)) for s in r.in_shapes if s is not None)
             out = "x".join(map(str, r.out_shape)) if r.out_shape else ""
             lines.append(
-                f"| {r.name} | {r.kind} | {ins} | {out} | {r.params:,} | {r.macs:,} | "
+                f"| {r.label} | {r.kind} | {ins} | {out} | {r.params:,} | {r.macs:,} | "
                 f"{r.flops:,} | {r.other_flops:,} |"
             )
         lines.append(
