@@ -91,11 +91,12 @@ def _compress_full(model: torch.nn.Module, x: torch.Tensor) -> dict[str, Any]:
 
 _RELOAD = """
 import sys, torch, tucker_fx
-from tucker_fx.testing.zoo import build
+from tucker_fx.testing.zoo import build, rel_error
 model, x = build(sys.argv[1])
 saved = torch.load(sys.argv[3], weights_only=True)
-out = tucker_fx.load(sys.argv[2], model, x).module(x)
-print(((out - saved).norm() / saved.norm()).item())
+with torch.no_grad():
+    out = tucker_fx.load(sys.argv[2], model, x).module(x)
+print(rel_error(saved, out))
 """
 
 
