@@ -41,6 +41,7 @@ from tucker_fx._internal.timing import compare_samples
 from tucker_fx.analysis.cost_registry import REGISTRY, CostContext, OpCost, batched, conv_macs
 from tucker_fx.decomposition.algebra import absorb_into_conv, as_matrix, compose_linear, fold_into_flat_linear
 from tucker_fx.kernels import FFTConv, LinearChain, TuckerFFTConv, WindowMax, fft_size
+from tucker_fx.kernels.max_pool import ChannelsLastMaxPool, max_pool_spec
 from tucker_fx.kernels.window_max import is_window_max
 from tucker_fx.passes.blocks import TuckerBlock
 from tucker_fx.passes.runner import PassError, PassResult
@@ -390,45 +391,100 @@ class LowerConvs:
 
 @dataclass
 class LowerMaxPools:
-    """Graph pass: a max pool whose windows tile its input runs as :class:`~tucker_fx.kernels.WindowMax`
-    (reshape + ``amax`` per dim) where that is faster: measured with ``tune``, else for 3-d pools
-    (``max_pool3d`` computes argmax indices it never returns; measured 6.3 -> 3.7 ms on the
-    THETIS net's first pool). Exact. The choices go to ``gm.meta["tucker_fx.notes"]``."""
+    """Graph pass: max pools run where ATen's CPU kernel is fast. Exact.
+
+    A pool whose windows tile its input runs as :class:`~tucker_fx.kernels.WindowMax` (reshape +
+    ``amax`` per dim; measured 6.3 -> 3.7 ms on the THETIS net's first pool, 39 -> 7 ms on a
+    32 x 64^3 2x2x2 pool); any other 3-d max pool runs on channels_last_3d data
+    (:class:`~tucker_fx.kernels.max_pool.ChannelsLastMaxPool`; 161 -> 66 ms on MONAI ResNet-10's
+    stem pool). Modules (``nn.MaxPool3d``) and calls (``F.max_pool3d``, ``aten.max_pool3d`` of an
+    exported graph) alike. Chosen by measurement with ``tune``, else by these rules (3-d pools
+    only: ``max_pool3d`` computes argmax indices it never returns). The choices go to
+    ``gm.meta["tucker_fx.notes"]``."""
 
     tune: bool = True
     cache: Optional[TimingCache] = None
     repeats: int = 7
     name: str = "lower_max_pools"
 
+    def _candidates(self, gm: fx.GraphModule, node: fx.Node) -> Optional[dict[str, nn.Module]]:
+        spec = max_pool_spec(node, gm)
+        if spec is not None:
+            fast: nn.Module = (WindowMax(spec.kernel_size, 3) if spec.tiles
+                               else ChannelsLastMaxPool.from_spec(spec))
+            direct = (gm.get_submodule(str(node.target)) if node.op == "call_module"
+                      else ChannelsLastMaxPool.from_spec(spec))
+            return {"direct": direct, "window_max" if spec.tiles else "channels_last": fast}
+        if node.op == "call_module":
+            pool = gm.get_submodule(str(node.target))
+            if is_window_max(pool):
+                return {"direct": pool, "window_max": WindowMax.from_pool(pool)}
+        return None
+
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         chooser = _Chooser(self.tune, self.cache, self.repeats, tolerance=0.0)
         modified = False
         for node in list(gm.graph.nodes):
-            if node.op != "call_module":
+            if node.op not in ("call_module", "call_function"):
                 continue
-            pool = gm.get_submodule(str(node.target))
-            if not is_window_max(pool) or not isinstance(node.args[0], fx.Node) or "tensor_meta" not in node.args[0].meta:
+            if not isinstance(node.args[0] if node.args else None, fx.Node) or "tensor_meta" not in node.args[0].meta:
                 continue
-            cands = {"direct": pool, "window_max": WindowMax.from_pool(pool)}
+            cands = self._candidates(gm, node)
+            if cands is None:
+                continue
+            fast_name = next(k for k in cands if k != "direct")
+            x0 = node.args[0].meta["tensor_meta"]
             if self.tune:
                 first = next(gm.parameters(), None)
                 x = _example(node.args[0], first.device if first is not None else torch.device("cpu"))
+                if node.op == "call_function":  # time the op itself, not our wrapper of it
+                    cands["direct"] = _CallOp(node)
                 winner, times, source, _ = chooser.choose(cands, x, allowed_inexact=())
                 how = f"measured: {', '.join(f'{k} {v:.3g} ms' for k, v in times.items())}"
             else:
-                winner = "window_max" if isinstance(pool, nn.MaxPool3d) else "direct"
+                winner = fast_name if len(x0.shape) == 5 else "direct"
                 how = "cost model"
-            if winner == "window_max":
+            if winner == "direct":
+                continue
+            label = str(node.target) if node.op == "call_module" else node.name
+            if node.op == "call_module":
                 parent, _, leaf = str(node.target).rpartition(".")
                 setattr(gm.get_submodule(parent) if parent else gm, leaf, cands[winner])
-                gm.meta.setdefault(NOTES_KEY, []).append(f"{node.target} runs as WindowMax ({how})")
-                modified = True
+            else:
+                target = f"{node.name}_pool"
+                gm.add_submodule(target, cands[winner])
+                with gm.graph.inserting_after(node):
+                    new = gm.graph.call_module(target, (node.args[0],))
+                new.meta.update(node.meta)
+                node.replace_all_uses_with(new)
+                gm.graph.erase_node(node)
+            gm.meta.setdefault(NOTES_KEY, []).append(f"{label} runs as {type(cands[winner]).__name__} ({how})")
+            modified = True
+        if modified:
+            gm.recompile()
         if self.cache is not None:
             self.cache.save()
         return PassResult(gm, modified)
 
 
+class _CallOp(nn.Module):
+    """A call_function pool node as a module (for timing it against its replacements)."""
+
+    def __init__(self, node: fx.Node) -> None:
+        super().__init__()
+        self.fn, self.args, self.kwargs = node.target, node.args[1:], dict(node.kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x, *self.args, **self.kwargs)
+
+
 # --- runtime kernels of the lowering pass: counted as the direct computation they replace --------
+
+@REGISTRY.register(ChannelsLastMaxPool)
+def _channels_last_max_pool(ctx: CostContext) -> OpCost:
+    assert isinstance(ctx.module, ChannelsLastMaxPool)
+    return OpCost("pool", other_flops=ctx.out_numel * math.prod(ctx.module.spec.kernel_size))
+
 
 @REGISTRY.register(WindowMax)
 def _window_max(ctx: CostContext) -> OpCost:

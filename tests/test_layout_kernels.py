@@ -1,0 +1,97 @@
+"""Max pools on channels-last data and stride = kernel transposed convs as products: exact, and the
+passes put them where the graph has them as modules, functional calls or exported aten calls."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tucker_fx.analysis.shapes import propagate_shapes
+from tucker_fx.kernels.conv_transpose import PatchConvTranspose, is_patch_conv_transpose
+from tucker_fx.kernels.max_pool import ChannelsLastMaxPool
+from tucker_fx.passes.fast_kernels import UseFastKernels
+from tucker_fx.passes.lowering import LowerMaxPools
+
+
+@pytest.mark.parametrize("kernel,stride,padding,dilation,ceil", [
+    (3, 2, 1, 1, False), (3, 1, 1, 1, False), (2, 2, 0, 1, False), ((1, 3, 3), (1, 2, 2), (0, 1, 1), 1, False),
+    (3, 2, 0, 2, False), (3, 2, 1, 1, True),
+])
+def test_channels_last_max_pool_is_exact(kernel, stride, padding, dilation, ceil):
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 9, 10, 11)
+    ref = F.max_pool3d(x, kernel, stride, padding, dilation, ceil)
+    out = ChannelsLastMaxPool(kernel, stride, padding, dilation, ceil)(x)
+    assert torch.equal(out, ref) and out.is_contiguous()
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("bias", [True, False])
+def test_patch_conv_transpose_matches(dims, batch, bias):
+    torch.manual_seed(0)
+    k = (2, 3, 2)[:dims]
+    up = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)[dims - 1](6, 4, k, stride=k, bias=bias).double()
+    x = torch.randn(batch, 6, *(3, 4, 5)[:dims], dtype=torch.float64)
+    out = PatchConvTranspose.from_module(up)(x)
+    torch.testing.assert_close(out, up(x), rtol=1e-12, atol=1e-12)
+
+
+def test_patch_conv_transpose_is_differentiable():
+    torch.manual_seed(0)
+    up = nn.ConvTranspose3d(3, 2, 2, stride=2).double()
+    patch = PatchConvTranspose.from_module(up)
+    x = torch.randn(1, 3, 2, 3, 2, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(patch, (x,))
+
+
+@pytest.mark.parametrize("conf", [dict(stride=1), dict(stride=2, padding=1), dict(stride=2, output_padding=1)])
+def test_patch_conv_transpose_refuses_overlap(conf):
+    up = nn.ConvTranspose3d(3, 2, 2, **conf)
+    assert not is_patch_conv_transpose(tuple(up.weight.shape), up.stride, up.padding, up.output_padding)
+    with pytest.raises(ValueError, match="stride == kernel_size"):
+        PatchConvTranspose.from_module(up)
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pool = nn.MaxPool3d(3, 2, 1)
+        self.up = nn.ConvTranspose3d(8, 4, 2, stride=2)
+
+    def forward(self, x):
+        y = self.pool(x) + F.max_pool3d(x, 3, 2, 1) + F.max_pool3d(x, 2, 2)
+        return self.up(y)
+
+
+@pytest.mark.parametrize("capture", ["symbolic_trace", "export"])
+def test_passes_replace_modules_calls_and_aten(capture):
+    torch.manual_seed(0)
+    net = _Net().eval()
+    x = torch.randn(1, 8, 64, 64, 64)  # an up-conv output of 2^20 values: large enough to lower
+    gm = (torch.fx.symbolic_trace(net) if capture == "symbolic_trace"
+          else torch.export.export(net, (x,)).module())
+    gm = gm if isinstance(gm, torch.fx.GraphModule) else torch.fx.symbolic_trace(gm)
+    propagate_shapes(gm, (x,))
+    ref = net(x)
+    LowerMaxPools(tune=False)(gm)
+    UseFastKernels()(gm)
+    kinds = {type(m).__name__ for m in gm.modules()}
+    assert {"ChannelsLastMaxPool", "WindowMax", "PatchConvTranspose"} <= kinds, kinds
+    assert not any(n.op == "call_function" and "max_pool" in str(n.target) for n in gm.graph.nodes)
+    torch.testing.assert_close(gm(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_tuned_pool_lowering_times_the_call_itself():
+    torch.manual_seed(0)
+    net = _Net().eval()
+    x = torch.randn(1, 8, 16, 16, 16)
+    gm = torch.fx.symbolic_trace(net)
+    propagate_shapes(gm, (x,))
+    ref = net(x)
+    LowerMaxPools(tune=True, cache=None, repeats=1)(gm)
+    torch.testing.assert_close(gm(x), ref, rtol=0, atol=0)
+    assert any("max_pool" in line or "pool" in line for line in gm.meta.get("tucker_fx.notes", [])) or all(
+        n.op != "call_module" or "pool" not in str(n.target) for n in gm.graph.nodes)
