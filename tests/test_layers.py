@@ -18,7 +18,7 @@ from typing import Iterator, Optional
 PACKAGE = Path(__file__).resolve().parent.parent / "tucker_fx"
 
 #: rooms of the core: the compression library itself
-CORE = {"analysis", "decomposition", "planning", "passes", "kernels", "tuning", "backend", "_internal", "api", "io",
+CORE = {"analysis", "decomposition", "planning", "passes", "kernels", "tuning", "backend", "search", "_internal", "api", "io",
         "config", "errors", "validation", "deploy", "__init__"}
 #: rooms that use the core: the paper reproduction and examples, training loops, test nets, old-path facades, CLI
 APPLICATIONS = {"apps", "training", "testing", "models", "data", "reporting", "cli", "__main__"}

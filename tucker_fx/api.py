@@ -16,7 +16,7 @@ import statistics
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Callable, Iterable, Optional, TypeVar
 
 import torch
 
@@ -26,6 +26,7 @@ import torch.nn as nn
 from tucker_fx._internal.meta import CAPTURE_KEY, LOWERING_KEY, NOTES_KEY, PLAN_KEY
 from tucker_fx._internal.progress import Progress
 from tucker_fx._internal.timing import compare_samples
+from tucker_fx.analysis.calibration import as_batches, collect_stats
 from tucker_fx.analysis.capture import CAPTURE_PATHS, Captured, _runnable, capture_model, copy_model
 from tucker_fx.analysis.costs import CostReport, annotate_costs
 from tucker_fx.config import TuckerConfig
@@ -34,6 +35,7 @@ from tucker_fx.passes.pipeline import DECOMPOSE, LOWER, PREPARE, SHAPES, SITES, 
 from tucker_fx.passes.runner import PipelineRun
 from tucker_fx.planning.plan import KINDS, Plan
 from tucker_fx.planning.planner import build_plan
+from tucker_fx.search.budgeted import SEARCH_BATCHES, budgeted_plan
 from tucker_fx.validation import ValidationReport, check_runnable_inputs, validate
 
 __all__ = ["CompressionResult", "compress", "apply_plan", "lower", "model_signature", "PLAN_META_KEY",
@@ -62,6 +64,10 @@ class CompressionResult:
     compressed model timed side by side at the example inputs (medians in ms, their spread, the
     speed-up; and the compiled module's time with ``inductor=True``), else None.
 
+    ``metric``: with ``compress(..., evaluate=fn)``, ``{"original": fn(model), "compressed":
+    fn(module), "drop": ...}``; ``search``: with a ``target_*``, the budgeted search's
+    :class:`~tucker_fx.search.SearchReport` (rounds, budget, time).
+
     ``plan`` is yours to edit and re-apply (``apply_plan(model, result.plan, x)``); the result
     keeps its own copy of the plan ``module`` was built with (:meth:`built_plan`), which
     ``tucker_fx.save`` writes."""
@@ -77,6 +83,8 @@ class CompressionResult:
     source: Optional[dict[str, Any]] = None
     capture: Optional[str] = None
     timing: Optional[dict[str, Any]] = None
+    metric: Optional[dict[str, float]] = None
+    search: Optional[Any] = None
     _built: Optional[dict[str, Any]] = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -407,7 +415,8 @@ def _keeps_global_rng(fn: _F) -> _F:
 
 @_keeps_global_rng
 def compress(model: nn.Module, *example_inputs: Any, config: Optional[TuckerConfig] = None,
-             capture: str = "auto") -> CompressionResult:
+             capture: str = "auto", calibration: Optional[Iterable[Any]] = None,
+             evaluate: Optional[Callable[[nn.Module], float]] = None) -> CompressionResult:
     """Tucker-decompose the conv/linear layers of ``model``; the model itself is not changed.
 
     ``model`` is an ``nn.Module``, an ``fx.GraphModule`` or a ``torch.export.ExportedProgram``
@@ -421,6 +430,13 @@ def compress(model: nn.Module, *example_inputs: Any, config: Optional[TuckerConf
     ``capture="symbolic_trace"`` or ``"export"`` forces one path. ``result.capture`` and
     ``result.plan.capture`` say which was used. Validation compares with ``model`` itself.
 
+    ``calibration``: an iterable of model inputs (tensors, or tuples of positional inputs; for a
+    DataLoader of ``(x, y)`` pass ``(x for x, _ in loader)``), a few hundred samples: the layers'
+    statistics for ``TuckerConfig(data_aware=True)`` and the data that scores each option of a
+    ``target_*`` search. ``evaluate``: ``fn(module) -> float`` (higher is better), called on the
+    original and the compressed model (``result.metric``); with ``TuckerConfig(max_metric_drop=d)``
+    and no target, the search picks the largest FLOPs cut whose drop stays within ``d``.
+
     Example:
         >>> import torch, torch.nn as nn, tucker_fx
         >>> net = nn.Sequential(nn.Conv3d(16, 32, 3), nn.ReLU(), nn.Conv3d(32, 32, 3)).eval()
@@ -430,7 +446,7 @@ def compress(model: nn.Module, *example_inputs: Any, config: Optional[TuckerConf
     """
     if isinstance(model, torch.export.ExportedProgram):
         module, inputs = _unpack_exported("compress", model, example_inputs)
-        result = compress(module, *inputs, config=config)
+        result = compress(module, *inputs, config=config, calibration=calibration, evaluate=evaluate)
         _reexport(result, model, inputs)
         result.capture = result.plan.capture = "exported_program"
         result.keep_plan()
@@ -442,16 +458,134 @@ def compress(model: nn.Module, *example_inputs: Any, config: Optional[TuckerConf
     if config.validate:
         check_runnable_inputs("compress", example_inputs)
     path = _capture_path(capture, "compress")
+    _check_data_args(config, calibration, evaluate)
+    if config.target is None and config.max_metric_drop is not None:
+        return _within_metric_drop(model, example_inputs, config, path, calibration, evaluate)
     progress = Progress(config.progress)
     gm, before, captured = _analysed_copy(model, example_inputs, path, config.validate, "compress")
     gm, reference = _prepare(gm, example_inputs, config)
+    batches: list[tuple] = []
+    if calibration is not None:
+        collect_stats(gm, _keep_first(calibration, batches, SEARCH_BATCHES), progress=progress)
     plan = build_plan(gm, config, progress)
     plan.capture = captured.path
     plan.notes[:0] = _graph_notes(gm, captured, config)
+    search = None
+    if config.target is not None:
+        plan, search = _budget(model, gm, plan, before, example_inputs, config, batches, progress)
     result = _finish(model, gm, reference, plan, before, example_inputs, config, progress)
     result.source = model_signature(model, example_inputs)
+    result.search = search
+    if evaluate is not None:
+        _evaluate(result, model, evaluate, config)
     result.keep_plan()
     return result
+
+
+def _check_data_args(config: TuckerConfig, calibration: Any, evaluate: Any) -> None:
+    if config.data_aware and calibration is None:
+        raise ValueError("compress: TuckerConfig(data_aware=True) needs calibration data: expected calibration= an "
+                         "iterable of model inputs (tensors or tuples of them), got None")
+    if evaluate is not None and not callable(evaluate):
+        raise TypeError(f"compress: evaluate: expected a callable module -> float, got {type(evaluate).__name__}")
+    if config.max_metric_drop is not None and evaluate is None:
+        raise ValueError("compress: TuckerConfig(max_metric_drop=...) needs evaluate= a callable module -> float "
+                         "(higher is better), got None")
+    if calibration is not None and isinstance(calibration, torch.Tensor):
+        raise TypeError("compress: calibration: expected an iterable of model inputs (a list of batches, a "
+                        "generator), got one tensor; wrap it: calibration=[x]")
+
+
+def _keep_first(calibration: Iterable[Any], kept: list[tuple], n: int) -> Iterable[tuple]:
+    """The calibration batches, keeping the first ``n`` in ``kept`` (the search scores options on them)."""
+    for batch in as_batches(calibration):
+        if len(kept) < n:
+            kept.append(batch)
+        yield batch
+
+
+def _time_pair(model: nn.Module, inputs: tuple, other: Optional[Callable[..., Any]] = None,
+               repeats: int = SPEED_CHECK_REPEATS) -> tuple[float, float]:
+    original = copy_model(model)
+    fns: dict[str, Callable[[], Any]] = {"original": lambda: original(*inputs)}
+    if other is not None:
+        fns["other"] = lambda: other(*inputs)
+    samples = compare_samples(fns, repeats=repeats)
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    return med["original"], med.get("other", float("nan"))
+
+
+def _budget(model: nn.Module, gm: fx.GraphModule, plan: Plan, before: CostReport, example_inputs: tuple,
+            config: TuckerConfig, batches: list[tuple], progress: Progress) -> tuple[Plan, Any]:
+    """Replace the plan's ranks by the budgeted search's (see :mod:`tucker_fx.search.budgeted`)."""
+    speed = config.target is not None and config.target[0] == "target_speedup"
+    if speed and not _runnable(example_inputs):
+        raise ValueError("compress: TuckerConfig(target_speedup=...) times the model at the example inputs: expected "
+                         "real tensors, got meta/fake ones")
+
+    def build(candidate: Plan) -> fx.GraphModule:
+        trial = copy.deepcopy(gm)
+        trial.meta[PLAN_KEY] = candidate
+        return pipeline_run(config, example_inputs).run(trial, DECOMPOSE)
+
+    plan, search, _ = budgeted_plan(
+        gm, plan, config, example_inputs, batches, totals=(before.total_macs, before.used_params),
+        original_ms=(lambda: _time_pair(model, example_inputs)[0]) if speed else None,
+        build=build if speed else None,
+        compressed_ms=(lambda built: _time_pair(model, example_inputs, built)) if speed else None,
+        progress=progress)
+    return plan, search
+
+
+def _evaluate(result: CompressionResult, model: nn.Module, evaluate: Callable[[nn.Module], float],
+              config: TuckerConfig) -> None:
+    with torch.random.fork_rng(devices=[]):
+        original = float(evaluate(model))
+    with torch.random.fork_rng(devices=[]):
+        compressed = float(evaluate(result.module))
+    result.metric = {"original": original, "compressed": compressed, "drop": original - compressed}
+    result.plan.notes.append(f"metric: original {original:.4g}, compressed {compressed:.4g} "
+                             f"(drop {original - compressed:.4g})")
+    limit = config.max_metric_drop
+    if limit is not None and original - compressed > limit:
+        message = (f"the metric fell by {original - compressed:.4g} (original {original:.4g}, compressed "
+                   f"{compressed:.4g}), over TuckerConfig.max_metric_drop={limit:g}")
+        result.plan.notes.append("WARNING: " + message)
+        warnings.warn(message, PoorCompressionWarning, stacklevel=3)
+
+
+METRIC_SEARCH_RATIOS = (2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)
+"""FLOPs cuts tried, in order, by ``max_metric_drop`` without a target."""
+
+
+def _within_metric_drop(model: nn.Module, example_inputs: tuple, config: TuckerConfig, path: str,
+                        calibration: Optional[Iterable[Any]], evaluate: Any) -> CompressionResult:
+    """The largest FLOPs cut of :data:`METRIC_SEARCH_RATIOS` whose metric drop stays within
+    ``config.max_metric_drop`` (each a budgeted ``target_flops_ratio`` compression)."""
+    batches = list(as_batches(calibration)) if calibration is not None else None
+    best: Optional[CompressionResult] = None
+    tried = []
+    for ratio in METRIC_SEARCH_RATIOS:
+        cfg = config.replace(target_flops_ratio=ratio, max_metric_drop=None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PoorCompressionWarning)
+            result = compress(model, *example_inputs, config=cfg, capture=path, calibration=batches,
+                              evaluate=evaluate)
+        assert result.metric is not None
+        tried.append(f"x{ratio:g} FLOPs: drop {result.metric['drop']:.4g}")
+        if result.metric["drop"] > config.max_metric_drop:  # type: ignore[operator]
+            break
+        best = result
+    if best is None:
+        best = result
+        message = (f"even a x{METRIC_SEARCH_RATIOS[0]:g} FLOPs cut lowered the metric by {result.metric['drop']:.4g}, "
+                   f"over TuckerConfig.max_metric_drop={config.max_metric_drop:g}")
+        best.plan.notes.append("WARNING: " + message)
+        warnings.warn(message, PoorCompressionWarning, stacklevel=3)
+    best.plan.notes.append(f"max_metric_drop={config.max_metric_drop:g}: tried " + "; ".join(tried))
+    best.config = config
+    best.keep_plan()
+    return best
 
 
 @_keeps_global_rng

@@ -26,6 +26,7 @@ RankSpec = Union[str, int, float]
 LayerRanks = Union[tuple[int, int], int, None]
 
 POLICIES = ("paper", "auto")
+TARGETS = ("target_speedup", "target_flops_ratio", "target_params_ratio")
 LOWERING_MODES = ("auto", "none")
 
 
@@ -89,6 +90,18 @@ class TuckerConfig:
         keep_original_if_faster: with ``tune=True``, put the original layer back when it is
             measured faster than every decomposed variant (by > 0.05 ms and > 10%); ``False``
             keeps the compression whatever the timing says.
+        data_aware: fit the factors to the layer's data, not only its weights: the output factor from
+            the covariance of the layer's responses on ``calibration`` data, the input factor weighted
+            by the input's channel covariance (``compress(..., calibration=...)`` is then required).
+        target_speedup: choose the ranks per layer (including "leave this layer alone") for this
+            measured speed-up at the example inputs with the least predicted loss; the result is
+            timed and the allocation tightened when the target is missed.
+        target_flops_ratio: the same for a FLOPs cut (``FLOPs before / after`` of the whole model).
+        target_params_ratio: the same for a parameter cut. At most one ``target_*``; ``rank``
+            then only sets the largest rank tried.
+        max_metric_drop: with ``compress(..., evaluate=fn)``: the most the metric may fall
+            (``fn(original) - fn(compressed)``); with a target the result is checked against it
+            (a warning), without one the search picks the most compression within it.
         speed_check: after compressing, time the compressed model against the original at the
             example inputs (a few interleaved runs; ``CompressionResult.timing``) and warn, with the
             figures, when it is slower; with ``inductor=True`` also time the compiled module and
@@ -116,6 +129,11 @@ class TuckerConfig:
     inductor: bool = False
     keep_original_if_faster: bool = True
     speed_check: bool = True
+    data_aware: bool = False
+    target_speedup: Optional[float] = None
+    target_flops_ratio: Optional[float] = None
+    target_params_ratio: Optional[float] = None
+    max_metric_drop: Optional[float] = None
 
     def __post_init__(self) -> None:
         r = self.rank
@@ -156,12 +174,33 @@ class TuckerConfig:
         tol = self.lowering_tolerance
         if isinstance(tol, bool) or not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
             raise ValueError(f"TuckerConfig.lowering_tolerance: expected a positive number, got {self.lowering_tolerance!r}")
+        targets = [n for n in TARGETS if getattr(self, n) is not None]
+        for name in targets:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 1.0:
+                raise ValueError(f"TuckerConfig.{name}: expected a number >= 1 (a ratio: before / after), got {v!r}")
+        if len(targets) > 1:
+            raise ValueError(f"TuckerConfig: expected at most one of {TARGETS}, got {targets}")
+        if targets and self.ranks:
+            raise ValueError(f"TuckerConfig.{targets[0]} chooses every layer's ranks; expected no per-layer ranks= "
+                             f"with it (use exclude= to keep layers as they are), got ranks for {sorted(self.ranks)}")
+        m = self.max_metric_drop
+        if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m) or m < 0):
+            raise ValueError(f"TuckerConfig.max_metric_drop: expected a number >= 0, got {m!r}")
         for name in ("only_if_cheaper", "validate", "fold_bn", "tune", "merge", "inductor", "keep_original_if_faster",
-                     "speed_check"):
+                     "speed_check", "data_aware"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"TuckerConfig.{name}: expected True or False, got {getattr(self, name)!r}")
         if self.progress not in (True, False, None):
             raise ValueError(f"TuckerConfig.progress: expected True, False or None, got {self.progress!r}")
+
+    @property
+    def target(self) -> Optional[tuple[str, float]]:
+        """``(name, ratio)`` of the ``target_*`` set, or ``None``."""
+        for name in TARGETS:
+            if getattr(self, name) is not None:
+                return name, float(getattr(self, name))
+        return None
 
     def replace(self, **changes: Any) -> "TuckerConfig":
         """A copy with some fields changed (validated again)."""

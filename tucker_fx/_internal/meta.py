@@ -15,6 +15,9 @@ read them (as FX's ShapeProp writes ``tensor_meta``). Use the constants, never t
   (``compress``, ``apply_plan``, ``load``).
 - ``tucker_fx.capture`` (gm.meta): how the model was captured (``compress``, ``lower``).
 - ``tucker_fx.lowering`` (gm.meta): the lowering chosen per layer by ``lower``.
+- ``tucker_fx.stats`` (node.meta): the :class:`~tucker_fx.analysis.calibration.LayerStats` of a
+  conv/linear node (channel second moments of its input and pre-bias output on calibration
+  data); written by ``collect_stats``, read by the rewrite when ``TuckerConfig(data_aware=True)``.
 - ``tucker_fx.originals`` (gm.meta, only while the pipeline runs): ``dict[str, nn.Module]``, the
   layer each Tucker block replaced, by plan name; written by the rewrite, read by block lowering
   (the ``original`` candidate), dropped by the pipeline runner when the pipeline ends.
@@ -46,7 +49,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "COST_KEY", "SITE_KEY", "ORIGIN_KEY", "NOTES_KEY", "PLAN_KEY", "CAPTURE_KEY", "LOWERING_KEY",
-    "ORIGINALS_KEY", "get_cost", "get_site", "get_plan", "get_notes", "add_note",
+    "ORIGINALS_KEY", "STATS_KEY", "get_cost", "get_site", "get_plan", "get_notes", "add_note",
 ]
 
 #: node.meta: the node's :class:`~tucker_fx.analysis.NodeCost` (params, MACs, FLOPs, shapes)
@@ -65,6 +68,8 @@ CAPTURE_KEY = "tucker_fx.capture"
 LOWERING_KEY = "tucker_fx.lowering"
 #: gm.meta, while the pipeline runs: the original layer of each Tucker block (rewrite -> lowering)
 ORIGINALS_KEY = "tucker_fx.originals"
+#: node.meta: the calibration statistics of a conv/linear node (data-aware factors)
+STATS_KEY = "tucker_fx.stats"
 
 
 def get_cost(node: fx.Node) -> Optional[NodeCost]:

@@ -30,9 +30,11 @@ class Progress:
             return time.perf_counter() - self.start >= self.delay
         return self.enabled
 
-    def step(self, i: int, n: int, what: str) -> None:
+    def step(self, i: int, n: Optional[int], what: str) -> None:
+        """One line ``[tucker_fx i/n 1.2s] what`` (``i`` alone when ``n`` is unknown)."""
         if not self._active():
             return
         elapsed = time.perf_counter() - self.start
-        print(f"[tucker_fx {i}/{n} {elapsed:5.1f}s] {what}", file=self.stream, flush=True)
+        count = f"{i}/{n}" if n is not None else str(i)
+        print(f"[tucker_fx {count} {elapsed:5.1f}s] {what}", file=self.stream, flush=True)
         self.printed = True

@@ -24,7 +24,15 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from tucker_fx.decomposition import relative_error, truncated_svd, tucker1, tucker2
+from tucker_fx.decomposition import (
+    data_aware_svd,
+    data_aware_tucker1,
+    data_aware_tucker2,
+    relative_error,
+    truncated_svd,
+    tucker1,
+    tucker2,
+)
 
 __all__ = ["TuckerBlock", "build_block"]
 
@@ -86,14 +94,20 @@ def build_block(
     feature_shape: Optional[tuple[int, ...]] = None,
     hooi_iters: int = 2,
     solver: str = "gram",
+    in_cov: Optional[torch.Tensor] = None,
+    out_cov: Optional[torch.Tensor] = None,
 ) -> tuple[TuckerBlock, float]:
     """Decompose ``weight`` and build the block; returns it and the weight's relative error.
 
     ``op`` is ``"conv"`` or ``"linear"``; ``conv_args`` carries stride/padding/dilation/
     padding_mode for the core conv; ``feature_shape = (S, *spatial)`` makes a Linear's
     Tucker-2 "as a conv" over the flattened feature map. ``solver`` picks the Tucker-2 solver
-    (:func:`~tucker_fx.decomposition.tucker2`: ``"gram"`` or ``"tensorly"``).
+    (:func:`~tucker_fx.decomposition.tucker2`: ``"gram"`` or ``"tensorly"``). ``in_cov`` / ``out_cov``
+    (channel second moments of the layer's input and pre-bias output on calibration data) make the
+    factors data-aware (:mod:`~tucker_fx.decomposition.data_aware`); a Linear's Tucker-2 "as a conv"
+    stays weight-only (its input statistics are over the flattened features, not the channels).
     """
+    aware = in_cov is not None or out_cov is not None
     w = weight.detach()
     like = weight  # device, dtype and requires_grad of the factors (``w`` never requires grad)
     t_out = w.shape[0]
@@ -105,14 +119,15 @@ def build_block(
         s_in = w.shape[1]
         if kind == "tucker2":
             rs, rt = ranks
-            dec = tucker2(w, (rs, rt), n_iter=hooi_iters, solver=solver)
+            dec = (data_aware_tucker2(w, (rs, rt), in_cov=in_cov, out_cov=out_cov, n_iter=hooi_iters) if aware
+                   else tucker2(w, (rs, rt), n_iter=hooi_iters, solver=solver))
             first = _set(_pointwise(dims, s_in, rs, False), dec.u_s.t(), None, like)
             core = _set(_CONV[dims](rs, rt, kernel, bias=False, **cargs), dec.core, None, like)
             last = _set(_pointwise(dims, rt, t_out, b is not None), dec.u_t, b, like)
             return TuckerBlock(first, core, last, kind=kind, ranks=ranks), relative_error(w, dec.reconstruct())
         if kind == "tucker1":
             (r,) = ranks
-            dec1 = tucker1(w, r)
+            dec1 = data_aware_tucker1(w, r, out_cov=out_cov) if out_cov is not None else tucker1(w, r)
             core = _set(_CONV[dims](s_in, r, kernel, bias=False, **cargs), dec1.core, None, like)
             last = _set(_pointwise(dims, r, t_out, b is not None), dec1.u_t, b, like)
             return TuckerBlock(None, core, last, kind=kind, ranks=ranks), relative_error(w, dec1.reconstruct())
@@ -121,7 +136,7 @@ def build_block(
         raise ValueError(f"op must be 'conv' or 'linear', got {op!r}")
     if kind in ("svd", "tucker1"):
         (r,) = ranks
-        a, c = truncated_svd(w, r)
+        a, c = data_aware_svd(w, r, in_cov=in_cov) if in_cov is not None else truncated_svd(w, r)
         first = _set(nn.Linear(w.shape[1], r, bias=False), a, None, like)
         last = _set(nn.Linear(r, t_out, bias=b is not None), c, b, like)
         # TuckerBlock wants a core; for a plain SVD the first factor is it
@@ -138,7 +153,8 @@ def build_block(
         last = _set(nn.Linear(rt, t_out, bias=b is not None), dec.u_t, b, like)
         block = TuckerBlock(first, core, last, kind=kind, ranks=ranks, flatten=True)
         return block, relative_error(w4, dec.reconstruct())
-    dec = tucker2(w, (rs, rt), n_iter=hooi_iters, solver=solver)
+    dec = (data_aware_tucker2(w, (rs, rt), in_cov=in_cov, out_cov=out_cov, n_iter=hooi_iters) if aware
+           else tucker2(w, (rs, rt), n_iter=hooi_iters, solver=solver))
     first = _set(nn.Linear(w.shape[1], rs, bias=False), dec.u_s.t(), None, like)
     core = _set(nn.Linear(rs, rt, bias=False), dec.core, None, like)
     last = _set(nn.Linear(rt, t_out, bias=b is not None), dec.u_t, b, like)

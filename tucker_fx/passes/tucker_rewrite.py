@@ -14,14 +14,14 @@ that says so, and ``0`` params/MACs after.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
 from tucker_fx._internal.graph import block_name
-from tucker_fx._internal.meta import ORIGIN_KEY, ORIGINALS_KEY, SITE_KEY, get_site
+from tucker_fx._internal.meta import ORIGIN_KEY, ORIGINALS_KEY, SITE_KEY, STATS_KEY, get_site
 from tucker_fx._internal.progress import Progress
 from tucker_fx.analysis.sites import Site
 from tucker_fx.errors import DecompositionError
@@ -29,7 +29,7 @@ from tucker_fx.passes.blocks import TuckerBlock, build_block
 from tucker_fx.passes.runner import PassResult
 from tucker_fx.planning.plan import LayerPlan, Plan
 
-__all__ = ["TuckerRewrite", "ORIGIN_KEY", "DEAD_REASON", "block_name", "dead_nodes"]
+__all__ = ["TuckerRewrite", "ORIGIN_KEY", "DEAD_REASON", "block_name", "dead_nodes", "original_module"]
 
 DEAD_REASON = ("dead code: the layer's output does not reach the model's output, so it is removed from the "
                "compressed graph (with its weights) instead of being decomposed")
@@ -53,7 +53,7 @@ def dead_nodes(graph: fx.Graph) -> set[fx.Node]:
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
-def _original_module(gm: fx.GraphModule, site: Site) -> nn.Module:
+def original_module(gm: fx.GraphModule, site: Site) -> nn.Module:
     """The layer before decomposition, as a module (functional sites get an equivalent one)."""
     if site.module_name is not None:
         return gm.get_submodule(site.module_name)
@@ -93,6 +93,7 @@ class TuckerRewrite:
     hooi_iters: int = 2
     solver: str = "gram"
     progress: Optional[Progress] = None
+    data_aware: bool = False
     name: str = "tucker_rewrite"
     blocks: dict[str, TuckerBlock] = field(default_factory=dict)
     originals: dict[str, nn.Module] = field(default_factory=dict)
@@ -154,12 +155,12 @@ class TuckerRewrite:
                 weight, bias, kind=entry.kind, ranks=tuple(entry.ranks or ()), op=site.op,
                 conv_args=_conv_args(site) if site.op == "conv" else None,
                 feature_shape=entry.feature_shape if entry.as_conv else None,
-                hooi_iters=self.hooi_iters, solver=self.solver,
+                hooi_iters=self.hooi_iters, solver=self.solver, **self._covariances(site, entry),
             )
         except ValueError as exc:
             raise DecompositionError(f"layer {entry.name!r}: {exc}") from exc
         entry.weight_error = error
-        self.originals[entry.name] = _original_module(gm, site)
+        self.originals[entry.name] = original_module(gm, site)
         name = block_name(entry)
         if site.module_name is not None:
             parent, _, leaf = name.rpartition(".")
@@ -171,6 +172,16 @@ class TuckerRewrite:
         targets = [n for n in gm.graph.nodes if SITE_KEY in n.meta and _same_layer(n.meta[SITE_KEY], site)]
         for node in targets:
             self._splice(gm, node, entry, name, block, nodes)
+
+    def _covariances(self, site: Site, entry: LayerPlan) -> dict[str, Any]:
+        """The layer's calibration statistics, when the factors are to be data-aware."""
+        stats = site.node.meta.get(STATS_KEY)
+        if not self.data_aware or stats is None or entry.as_conv:
+            return {}
+        entry.notes.append(f"data-aware factors ({stats.batches} calibration batches, {stats.positions:,} positions)")
+        if site.op == "linear":
+            return {"in_cov": stats.in_cov, "out_cov": stats.out_cov if entry.kind == "tucker2" else None}
+        return {"in_cov": stats.in_cov if entry.kind == "tucker2" else None, "out_cov": stats.out_cov}
 
     @staticmethod
     def _splice(gm: fx.GraphModule, node: fx.Node, entry: LayerPlan, name: str, block: TuckerBlock,

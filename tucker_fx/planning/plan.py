@@ -37,6 +37,10 @@ class LayerPlan:
     ``kind`` is ``tucker2`` (``ranks = (R_s, R_t)``), ``tucker1`` (conv, ``ranks = (R,)``),
     ``svd`` (linear, ``ranks = (R,)``) or ``none`` (left alone; ``reason`` says why).
     Costs are per call of the layer at the example input's shape; params include the bias.
+    With a ``target_*`` the budgeted search fills ``predicted_loss`` (the network's relative output
+    error on calibration data with only this layer compressed), ``budget_cost`` (the layer's cost in
+    the target's unit: ms, MACs or params, as predicted when allocating) and, for a speed target,
+    ``measured_cost`` (the layer's nodes timed in the compressed model, ms).
     """
 
     name: str
@@ -60,6 +64,9 @@ class LayerPlan:
     lowering: Optional[str] = None
     lowering_source: Optional[str] = None
     timings_ms: dict[str, float] = field(default_factory=dict)
+    predicted_loss: Optional[float] = None
+    budget_cost: Optional[float] = None
+    measured_cost: Optional[float] = None
 
     @property
     def applied(self) -> bool:
@@ -149,6 +156,10 @@ _CAPTURE_TEXT = {
 }
 
 
+def _num(v: Optional[float]) -> str:
+    return "-" if v is None else f"{v:.3g}"
+
+
 def _ratio(before: int, after: int) -> str:
     return f"x{before / after:.2f}" if after else "-"
 
@@ -222,6 +233,10 @@ class Plan:
             "| layer | op | kind | ranks | params before -> after | MACs before -> after | weight rel. error | lowering | note |",
             "|---|---|---|---|---:|---:|---:|---|---|",
         ]
+        budgeted = any(l.predicted_loss is not None for l in self.layers)
+        if budgeted:
+            lines[0] += " predicted loss | cost (predicted / measured) |"
+            lines[1] += "---:|---:|"
         for l in self.layers:
             ranks = ", ".join(map(str, l.ranks)) if l.ranks else "-"
             err = f"{l.weight_error:.3g}" if l.weight_error is not None else ""
@@ -235,6 +250,7 @@ class Plan:
                 f"| {l.name} | {l.op} | {kind} | {ranks} | {l.params_before:,} -> {l.params_after:,} "
                 f"({_ratio(l.params_before, l.params_after)}) | {l.macs_before:,} -> {l.macs_after:,} "
                 f"({_ratio(l.macs_before, l.macs_after)}) | {err} | {low} | {note} |"
+                + (f" {_num(l.predicted_loss)} | {_num(l.budget_cost)} / {_num(l.measured_cost)} |" if budgeted else "")
             )
         if self.notes or self.capture:
             lines.append("")

@@ -32,7 +32,7 @@ from tucker_fx.planning.block_costs import (
 )
 from tucker_fx.planning.plan import LayerPlan, Plan
 
-__all__ = ["build_plan", "candidate_sites", "flatten_source", "check_plan_entry"]
+__all__ = ["build_plan", "candidate_sites", "flatten_source", "check_plan_entry", "option_kind", "option_cost"]
 
 _aten = torch.ops.aten
 # flatten spellings of traced, Dynamo and exported graphs; the shape check in flatten_source
@@ -316,3 +316,26 @@ def build_plan(gm: fx.GraphModule, config: TuckerConfig, progress: Optional[Prog
     notes = [f"exclude pattern {p!r} matches no layer; the layers are: {names}"
              for p in config.exclude if not any(fnmatch.fnmatchcase(n, p) for n in names)]
     return Plan(layers, notes=notes)
+
+
+def option_kind(entry: LayerPlan) -> Optional[str]:
+    """The decomposition kind a planned layer would use (also for one left alone as not cheaper);
+    ``None`` for a layer that cannot be decomposed."""
+    if entry.applied:
+        return entry.kind
+    if entry.ranks is None:
+        return None
+    if len(entry.ranks) == 2:
+        return "tucker2"
+    return "tucker1" if entry.op.startswith("conv") else "svd"
+
+
+def option_cost(gm: fx.GraphModule, entry: LayerPlan, config: TuckerConfig, ranks: tuple[int, ...]) -> tuple[int, int]:
+    """``(MACs, params)`` of ``entry``'s layer decomposed as :func:`option_kind` says, at ``ranks``."""
+    kind = option_kind(entry)
+    if kind is None:
+        raise ValueError(f"layer {entry.name!r} cannot be decomposed ({entry.reason})")
+    node = next(n for n in gm.graph.nodes if n.name == entry.node)
+    site = get_site(node)
+    assert site is not None
+    return _LayerPlanner(site, gm, config).cost(kind, ranks, entry.as_conv)

@@ -1,0 +1,152 @@
+"""Calibration statistics: what each conv/linear layer sees on the user's data.
+
+``collect_stats`` runs an analysed graph over calibration batches and, at every conv/linear site,
+accumulates two channel second moments without keeping any activation: ``E[x x^T]`` of the
+layer's input channels and ``E[y y^T]`` of its pre-bias output channels (``y = W * x``). They are
+stored as :class:`LayerStats` on the site nodes (``node.meta[STATS_KEY]``), where the rewrite reads
+them to compute data-aware factors (:mod:`tucker_fx.decomposition.data_aware`) and the budgeted
+search reads them to predict each layer's loss.
+
+The statistics are those of the *uncompressed* network (one pass over the data): each layer's
+factors are fitted to the inputs the original layers before it produce.
+
+Large feature maps are subsampled: at most ``max_positions`` positions per batch and layer (every
+k-th position, deterministic), which keeps a 3-d network's pass in seconds; the moments are
+averages, so this changes their noise, not their meaning.
+
+Example:
+    >>> import torch, torch.nn as nn
+    >>> from tucker_fx.analysis import annotate_costs
+    >>> from tucker_fx.analysis.shapes import propagate_shapes
+    >>> from tucker_fx.analysis.calibration import collect_stats, layer_stats
+    >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    >>> gm = torch.fx.symbolic_trace(net)
+    >>> x = torch.randn(2, 3, 10, 10)
+    >>> propagate_shapes(gm, (x,)); _ = annotate_costs(gm)
+    >>> collect_stats(gm, [x, torch.randn(1, 3, 10, 10)])
+    2
+    >>> s = layer_stats(gm)["2"]
+    >>> tuple(s.in_cov.shape), tuple(s.out_cov.shape), s.batches
+    ((8, 8), (4, 4), 2)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional
+
+import torch
+import torch.fx as fx
+
+from tucker_fx._internal.meta import SITE_KEY, STATS_KEY
+from tucker_fx.decomposition.data_aware import ChannelStats
+
+__all__ = ["LayerStats", "collect_stats", "layer_stats", "as_batches"]
+
+
+@dataclass
+class LayerStats:
+    """Channel second moments of one layer on calibration data (float64, on the CPU)."""
+
+    in_cov: torch.Tensor
+    out_cov: torch.Tensor
+    batches: int
+    positions: int
+
+
+def as_batches(calibration: Any, where: str = "calibration") -> Iterable[tuple]:
+    """Each item of ``calibration`` as a tuple of positional model inputs (a tensor becomes ``(t,)``).
+
+    Raises ``TypeError`` for an item that is neither a tensor nor a tuple/list of them.
+
+    Example:
+        >>> import torch
+        >>> [len(b) for b in as_batches([torch.zeros(1), (torch.zeros(1), torch.ones(1))])]
+        [1, 2]
+    """
+    if isinstance(calibration, torch.Tensor) or not hasattr(calibration, "__iter__"):
+        raise TypeError(f"{where}: expected an iterable of model inputs (tensors, or tuples of positional "
+                        f"inputs), got {type(calibration).__name__}; for a DataLoader of (x, y) pass "
+                        "(x for x, _ in loader)")
+    for i, item in enumerate(calibration):
+        if isinstance(item, torch.Tensor):
+            yield (item,)
+        elif isinstance(item, (tuple, list)) and item and all(isinstance(t, torch.Tensor) for t in item):
+            yield tuple(item)
+        else:
+            raise TypeError(f"{where}: item {i}: expected a tensor or a tuple of tensors (the model's positional "
+                            f"inputs), got {type(item).__name__}; for a DataLoader of (x, y) pass "
+                            "(x for x, _ in loader)")
+
+
+def _rows(x: torch.Tensor, dim: int, max_positions: int) -> torch.Tensor:
+    """``x`` as a (positions, channels) matrix, channels taken from ``dim``; at most ``max_positions``
+    rows (every k-th position)."""
+    c = x.shape[dim]
+    flat = x.movedim(dim, -1).reshape(-1, c)
+    step = -(-flat.shape[0] // max_positions)
+    return flat[::step] if step > 1 else flat
+
+
+class _Collector(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, stats: dict[str, tuple[ChannelStats, ChannelStats]],
+                 max_positions: int) -> None:
+        super().__init__(gm, garbage_collect_values=True)
+        self.stats = stats
+        self.max_positions = max_positions
+
+    def run_node(self, n: fx.Node) -> Any:
+        x = self.env.get(n.args[0]) if n.args and isinstance(n.args[0], fx.Node) else None
+        out = super().run_node(n)
+        site = n.meta.get(SITE_KEY)
+        if site is None or site.display_name not in self.stats or not isinstance(out, torch.Tensor):
+            return out
+        if not isinstance(x, torch.Tensor):
+            return out
+        in_stats, out_stats = self.stats[site.display_name]
+        batched = site.op == "linear" or x.dim() == site.spatial_dims + 2
+        dim = -1 if site.op == "linear" else (1 if batched else 0)
+        y = out.detach()
+        bias = site.bias(self.module)
+        if bias is not None:
+            shape = [1] * y.dim()
+            shape[dim] = -1
+            y = y - bias.detach().reshape(shape)
+        in_stats.update(_rows(x.detach(), dim, self.max_positions))
+        out_stats.update(_rows(y, dim, self.max_positions))
+        return out
+
+
+def collect_stats(gm: fx.GraphModule, calibration: Iterable[Any], *, max_positions: int = 1 << 16,
+                  progress: Optional[Any] = None) -> int:
+    """Run ``gm`` (analysed: its conv/linear nodes carry sites) on every calibration batch and store a
+    :class:`LayerStats` on each site node; returns the number of batches. A layer called several
+    times (a shared module) pools all its calls."""
+    sites = [n for n in gm.graph.nodes if SITE_KEY in n.meta and not n.meta[SITE_KEY].transposed
+             and n.meta[SITE_KEY].groups == 1]
+    stats: dict[str, tuple[ChannelStats, ChannelStats]] = {}
+    for n in sites:  # accumulated on (positions, channels) rows (see _rows)
+        s = n.meta[SITE_KEY]
+        stats.setdefault(s.display_name, (ChannelStats(s.in_channels, dim=-1), ChannelStats(s.out_channels, dim=-1)))
+    collector = _Collector(gm, stats, max_positions)
+    batches = 0
+    with torch.no_grad():
+        for batch in as_batches(calibration):
+            if progress is not None:
+                progress.step(batches + 1, None, "calibration statistics")
+            collector.run(*batch)
+            batches += 1
+    if batches == 0:
+        raise ValueError("calibration: expected at least one batch, got an empty iterable")
+    for n in sites:
+        ins, outs = stats[n.meta[SITE_KEY].display_name]
+        if ins.count == 0:
+            continue
+        n.meta[STATS_KEY] = LayerStats(ins.second_moment().cpu(), outs.second_moment().cpu(), batches, ins.count)
+    return batches
+
+
+def layer_stats(gm: fx.GraphModule) -> dict[str, LayerStats]:
+    """The :class:`LayerStats` stored on ``gm``'s nodes, by layer name."""
+    return {n.meta[SITE_KEY].display_name: n.meta[STATS_KEY] for n in gm.graph.nodes
+            if STATS_KEY in n.meta and SITE_KEY in n.meta}

@@ -1,0 +1,384 @@
+"""Budgeted compression: per-layer ranks (or "leave it alone") that meet a target with the least loss.
+
+``TuckerConfig(target_speedup=2)`` (or ``target_flops_ratio``, ``target_params_ratio``) asks for a
+whole-model ratio, not a rank rule. :func:`budgeted_plan` answers it in four steps:
+
+1. **Options.** Per decomposable layer: ranks at fractions :data:`FRACTIONS` of the layer's full
+   ranks (capped by a float ``config.rank``), each cheaper than the layer, plus the layer as it is.
+2. **Loss.** For each option, the network's relative output error ``||f(x) - f_k(x)||^2 / ||f(x)||^2``
+   with only that layer approximated, summed over the search batches (the first
+   :data:`SEARCH_BATCHES` calibration batches, else the example inputs). The approximation is the one
+   the rewrite will build: data-aware when ``config.data_aware``.
+3. **Cost.** MACs or params from the cost formulas; for a speed target, the median time of the
+   option's block (and of the original layer) at the layer's real input shape, with the kernels the
+   last pass would give it (:class:`~tucker_fx.passes.fast_kernels.UseFastKernels`); the rest of
+   the network's time is the model's measured time minus its layers'.
+4. **Allocation and check.** :func:`~tucker_fx.planning.budget.allocate` picks one option per layer
+   within the budget (Lagrangian + greedy); the caller builds the model, and for a speed target
+   :func:`budgeted_plan` times it against the original and, if the target is missed, tightens the
+   budget and allocates again (:data:`MAX_ROUNDS`).
+
+The plan records per layer the chosen ranks, ``predicted_loss`` and ``budget_cost`` (and, for a
+speed target, ``measured_cost``: the layer's nodes timed in the compressed model); its notes tell
+the rounds. Random weights make the losses meaningless: budget a trained model.
+
+Example:
+    >>> import torch, torch.nn as nn, tucker_fx
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> net = nn.Sequential(nn.Conv2d(8, 32, 3), nn.ReLU(), nn.Conv2d(32, 32, 3), nn.ReLU(),
+    ...                     nn.Conv2d(32, 32, 3)).eval()
+    >>> x = torch.randn(2, 8, 16, 16)
+    >>> r = tucker_fx.compress(net, x, config=tucker_fx.TuckerConfig(target_flops_ratio=3.0, progress=False,
+    ...                                                               speed_check=False))
+    >>> 3.0 <= r.flops_ratio
+    True
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.utils._pytree import tree_flatten
+
+from tucker_fx._internal.meta import ORIGIN_KEY, SITE_KEY, STATS_KEY
+from tucker_fx._internal.progress import Progress
+from tucker_fx._internal.timing import compare_samples
+from tucker_fx.analysis.shapes import propagate_shapes
+from tucker_fx.analysis.sites import Site
+from tucker_fx.config import TuckerConfig
+from tucker_fx.decomposition import (
+    data_aware_svd,
+    data_aware_tucker1,
+    data_aware_tucker2,
+    truncated_svd,
+    tucker1,
+    tucker2,
+)
+from tucker_fx.passes.blocks import build_block
+from tucker_fx.passes.fast_kernels import UseFastKernels
+from tucker_fx.passes.tucker_rewrite import original_module
+from tucker_fx.planning.budget import Allocation, Option, allocate, budget_for, tighten
+from tucker_fx.planning.plan import LayerPlan, Plan
+from tucker_fx.planning.planner import option_cost, option_kind
+
+__all__ = ["FRACTIONS", "SEARCH_BATCHES", "MAX_ROUNDS", "SearchReport", "budgeted_plan", "candidate_ranks",
+           "measure_layer_times"]
+
+FRACTIONS = (1 / 16, 1 / 8, 3 / 16, 1 / 4, 3 / 8, 1 / 2, 3 / 4)
+"""The rank fractions tried per layer."""
+SEARCH_BATCHES = 2
+"""Calibration batches used to score each option (all batches feed the statistics)."""
+MAX_ROUNDS = 3
+"""Allocate-build-measure rounds for a speed target."""
+TIMING_REPEATS = 3
+"""Timed runs per option (medians, interleaved)."""
+
+_UNITS = {"target_speedup": "ms", "target_flops_ratio": "MACs", "target_params_ratio": "params"}
+
+
+@dataclass
+class SearchReport:
+    """What the search did: the target, each round's budget and totals, and its time."""
+
+    target: str
+    ratio: float
+    unit: str
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+    allocation: Optional[Allocation] = None
+
+    def lines(self) -> list[str]:
+        out = [f"budget: {self.target}={self.ratio:g} ({self.unit}); search took {self.seconds:.1f} s"]
+        for i, r in enumerate(self.rounds, 1):
+            measured = f", measured x{r['measured_ratio']:.2f}" if r.get("measured_ratio") is not None else ""
+            out.append(f"budget round {i}: budget {r['budget']:.4g} {self.unit}, predicted total "
+                       f"{r['predicted']:.4g} (x{r['predicted_ratio']:.2f}), predicted loss {r['loss']:.3g}{measured}")
+        return out
+
+
+def candidate_ranks(entry: LayerPlan, config: TuckerConfig) -> list[tuple[int, ...]]:
+    """The ranks tried for ``entry`` (fractions of its full ranks, capped by a float ``config.rank``).
+
+    Example:
+        >>> from tucker_fx.planning.plan import LayerPlan
+        >>> e = LayerPlan("c", "c", "conv2d", "tucker2", (4, 4), (16, 32))
+        >>> candidate_ranks(e, TuckerConfig(rank=0.25))
+        [(1, 2), (2, 4), (3, 6), (4, 8)]
+    """
+    kind = option_kind(entry)
+    if kind is None:
+        return []
+    limit = config.rank if isinstance(config.rank, float) else 1.0
+    fractions = [f for f in FRACTIONS if f <= limit + 1e-12] or [FRACTIONS[0]]
+    full = entry.full_ranks
+    out: list[tuple[int, ...]] = []
+    for f in fractions:
+        r = ((max(1, math.ceil(f * full[0])), max(1, math.ceil(f * full[1]))) if kind == "tucker2"
+             else (max(1, math.ceil(f * full[1])),))
+        if r not in out:
+            out.append(r)
+    return out
+
+
+def _approx_weight(weight: torch.Tensor, entry: LayerPlan, kind: str, ranks: tuple[int, ...],
+                   stats: Any, config: TuckerConfig) -> torch.Tensor:
+    """The dense kernel the rewrite's block computes for ``entry`` at ``ranks`` (float64 math)."""
+    w = weight.detach()
+    aware = config.data_aware and stats is not None and not entry.as_conv
+    if entry.as_conv:
+        assert entry.feature_shape is not None
+        w4 = w.reshape(w.shape[0], *entry.feature_shape)
+        return tucker2(w4, (ranks[0], ranks[1]), n_iter=config.hooi_iters).reconstruct().reshape(w.shape)
+    if kind == "tucker2":
+        if aware:
+            dec = data_aware_tucker2(w, (ranks[0], ranks[1]), in_cov=stats.in_cov, out_cov=stats.out_cov,
+                                     n_iter=config.hooi_iters)
+        else:
+            dec = tucker2(w, (ranks[0], ranks[1]), n_iter=config.hooi_iters, solver=config.tucker_solver)
+        return dec.reconstruct()
+    if kind == "tucker1":
+        return (data_aware_tucker1(w, ranks[0], out_cov=stats.out_cov) if aware else tucker1(w, ranks[0])).reconstruct()
+    a, c = data_aware_svd(w, ranks[0], in_cov=stats.in_cov) if aware else truncated_svd(w, ranks[0])
+    return c @ a
+
+
+class _Swapped(fx.Interpreter):
+    """Runs ``gm`` with one layer's kernel replaced (``swaps``: node name -> kernel)."""
+
+    def __init__(self, gm: fx.GraphModule, swaps: dict[str, torch.Tensor]) -> None:
+        super().__init__(gm, garbage_collect_values=True)
+        self.swaps = swaps
+
+    def run_node(self, n: fx.Node) -> Any:
+        kernel = self.swaps.get(n.name)
+        if kernel is None:
+            return super().run_node(n)
+        site: Site = n.meta[SITE_KEY]
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        if n.op == "call_module":
+            module = self.module.get_submodule(str(n.target))
+            return torch.func.functional_call(module, {"weight": kernel}, args, kwargs)
+        original = self.env.get(site.weight_node) if site.weight_node is not None else None
+        args = tuple(kernel if a is original else a for a in args)
+        kwargs = {k: kernel if v is original else v for k, v in kwargs.items()}
+        return n.target(*args, **kwargs)  # type: ignore[operator]
+
+
+def _outputs(value: Any) -> list[torch.Tensor]:
+    return [t for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def _loss(gm: fx.GraphModule, batches: list[tuple], references: list[list[torch.Tensor]],
+          swaps: dict[str, torch.Tensor]) -> float:
+    num = den = 0.0
+    with torch.no_grad():
+        for batch, ref in zip(batches, references):
+            out = _outputs(_Swapped(gm, swaps).run(*batch))
+            for a, b in zip(out, ref):
+                num += float((a.double() - b.double()).pow(2).sum())
+                den += float(b.double().pow(2).sum())
+    return num / max(den, 1e-30)
+
+
+def _fast(module: nn.Module, x: torch.Tensor) -> nn.Module:
+    """``module`` with the kernels the last pass would give it, at input ``x``."""
+    gm = fx.symbolic_trace(module)
+    propagate_shapes(gm, (x,))
+    UseFastKernels()(gm)
+    return gm
+
+
+def _layer_input(gm: fx.GraphModule, entry: LayerPlan, site: Site) -> Optional[torch.Tensor]:
+    node = next((n for n in gm.graph.nodes if n.name == (entry.input_node if entry.as_conv else entry.node)), None)
+    src = node if entry.as_conv else (site.node.args[0] if isinstance(site.node.args[0], fx.Node) else None)
+    meta = src.meta.get("tensor_meta") if src is not None else None
+    if meta is None or not hasattr(meta, "shape"):
+        return None
+    w = site.weight(gm)
+    return torch.randn(tuple(meta.shape), dtype=meta.dtype, device=w.device)
+
+
+def measure_layer_times(gm: fx.GraphModule, entry: LayerPlan, config: TuckerConfig,
+                        ranks_list: list[tuple[int, ...]]) -> dict[Optional[tuple[int, ...]], float]:
+    """Median ms of the original layer (key ``None``) and of its block at each ranks, at the layer's
+    input shape, each with the fast kernels of the last pass."""
+    node = next(n for n in gm.graph.nodes if n.name == entry.node)
+    site: Site = node.meta[SITE_KEY]
+    x = _layer_input(gm, entry, site)
+    if x is None:
+        return {}
+    original = copy.deepcopy(original_module(gm, site))
+    if entry.as_conv:
+        original = nn.Sequential(nn.Flatten(1), original)
+    fns: dict[Optional[tuple[int, ...]], Callable[[], Any]] = {}
+    mods = {None: _fast(original, x)}
+    kind = option_kind(entry)
+    for ranks in ranks_list:
+        block, _ = build_block(site.weight(gm), site.bias(gm), kind=kind or "tucker2", ranks=ranks, op=site.op,
+                               conv_args=dict(stride=site.stride, padding=site.padding, dilation=site.dilation,
+                                              padding_mode=site.padding_mode) if site.op == "conv" else None,
+                               feature_shape=entry.feature_shape if entry.as_conv else None, hooi_iters=0)
+        mods[ranks] = _fast(block, x)
+    for key, mod in mods.items():
+        fns[key] = (lambda m: (lambda: m(x)))(mod)
+    samples = compare_samples({str(k): f for k, f in fns.items()}, repeats=TIMING_REPEATS)
+    return {k: statistics.median(samples[str(k)]) for k in fns}
+
+
+def _node_times(gm: fx.GraphModule, inputs: tuple, repeats: int = 3) -> dict[str, float]:
+    """Median ms per node of ``gm`` on ``inputs`` (an interpreter run; attributes time to the original
+    node names through ``ORIGIN_KEY``)."""
+    runs: list[dict[str, float]] = []
+
+    class _Timed(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            start = time.perf_counter()
+            out = super().run_node(n)
+            key = n.meta.get(ORIGIN_KEY, n.name)
+            runs[-1][key] = runs[-1].get(key, 0.0) + (time.perf_counter() - start) * 1e3
+            return out
+
+    with torch.no_grad():
+        for _ in range(repeats + 1):
+            runs.append({})
+            _Timed(gm).run(*inputs)
+    keys = set().union(*runs[1:])
+    return {k: statistics.median(r.get(k, 0.0) for r in runs[1:]) for k in keys}
+
+
+def budgeted_plan(gm: fx.GraphModule, plan: Plan, config: TuckerConfig, example_inputs: tuple,
+                  batches: list[tuple], *, totals: tuple[float, float] = (0.0, 0.0),
+                  original_ms: Optional[Callable[[], float]] = None,
+                  build: Optional[Callable[[Plan], fx.GraphModule]] = None,
+                  compressed_ms: Optional[Callable[[fx.GraphModule], tuple[float, float]]] = None,
+                  progress: Optional[Progress] = None) -> tuple[Plan, SearchReport, Optional[fx.GraphModule]]:
+    """Choose every layer's ranks in ``plan`` (built by ``build_plan`` on the analysed ``gm``) for
+    ``config``'s target; see the module docstring. ``batches`` score the options (the example
+    inputs when empty); ``totals`` are the whole model's MACs and used params before compression (the
+    ratios count the whole model). For a speed target ``build`` makes the compressed module from a plan and
+    ``compressed_ms`` times it against the original (``(original ms, compressed ms)``); the last
+    built module is returned so that the caller need not build it again."""
+    target = config.target
+    if target is None:
+        raise ValueError("budgeted_plan: expected a TuckerConfig with a target_*, got none")
+    name, ratio = target
+    start = time.perf_counter()
+    report = SearchReport(name, ratio, _UNITS[name])
+    batches = batches or [example_inputs]
+    with torch.no_grad():
+        references = [_outputs(gm(*b)) for b in batches]
+    nodes = {n.name: n for n in gm.graph.nodes}
+    layers = [e for e in plan.layers if option_kind(e) is not None]
+    options: dict[str, list[Option]] = {}
+    cost_of: dict[str, dict[Optional[tuple[int, ...]], float]] = {}
+    for i, entry in enumerate(layers):
+        if progress is not None:
+            progress.step(i + 1, len(layers), f"budget: scoring {entry.name}")
+        node = nodes[entry.node]
+        site: Site = node.meta[SITE_KEY]
+        weight = site.weight(gm)
+        stats = node.meta.get(STATS_KEY)
+        kind = option_kind(entry)
+        assert kind is not None
+        ranks_list = []
+        for ranks in candidate_ranks(entry, config):
+            macs, params = option_cost(gm, entry, config, ranks)
+            if macs < entry.macs_before and params < entry.params_before:
+                ranks_list.append((ranks, macs, params))
+        if name == "target_speedup":
+            times = measure_layer_times(gm, entry, config, [r for r, _, _ in ranks_list])
+            if not times:
+                continue
+            costs: dict[Optional[tuple[int, ...]], float] = dict(times)
+        else:
+            pick = 1 if name == "target_flops_ratio" else 2
+            costs = {None: float(entry.macs_before if pick == 1 else entry.params_before)}
+            costs.update({r: float(m if pick == 1 else p) for r, m, p in ranks_list})
+        cost_of[entry.name] = costs
+        opts = [Option(entry.name, None, costs[None], 0.0, "original")]
+        for ranks, _, _ in ranks_list:
+            kernel = _approx_weight(weight, entry, kind, ranks, stats, config).to(weight.dtype)
+            swaps = {n.name: kernel for n in gm.graph.nodes
+                     if SITE_KEY in n.meta and n.meta[SITE_KEY].display_name == entry.name}
+            opts.append(Option(entry.name, ranks, costs[ranks], _loss(gm, batches, references, swaps), kind))
+        options[entry.name] = opts
+    if not options:
+        plan.notes.append(f"budget: no layer can be decomposed, so {name}={ratio:g} cannot be met")
+        report.seconds = time.perf_counter() - start
+        return plan, report, None
+    chosen_layers = set(options)
+    if name == "target_speedup":
+        assert original_ms is not None
+        total_before = original_ms()
+    else:
+        total_before = float(totals[0] if name == "target_flops_ratio" else totals[1])
+    fixed = max(0.0, total_before - sum(cost_of[n][None] for n in chosen_layers))
+    budget0 = budget_for(ratio, total_before)
+    budget = budget0
+    built: Optional[fx.GraphModule] = None
+    best: Optional[tuple[float, Allocation, Optional[fx.GraphModule], Plan]] = None
+    for round_no in range(MAX_ROUNDS if name == "target_speedup" else 1):
+        alloc = allocate(options, budget, fixed_cost=fixed)
+        trial = Plan.from_dict(plan.to_dict())
+        _apply(trial, alloc, gm, config, cost_of)
+        row: dict[str, Any] = {"budget": budget, "predicted": alloc.total_cost, "loss": alloc.total_loss,
+                               "predicted_ratio": total_before / max(alloc.total_cost, 1e-30)}
+        report.rounds.append(row)
+        if name != "target_speedup" or build is None or compressed_ms is None:
+            best = (0.0, alloc, None, trial)
+            break
+        if progress is not None:
+            progress.step(round_no + 1, MAX_ROUNDS, "budget: building and timing the allocation")
+        built = build(Plan.from_dict(trial.to_dict()))
+        before_ms, after_ms = compressed_ms(built)
+        measured = before_ms / after_ms
+        row["measured_ratio"] = measured
+        miss = max(0.0, ratio - measured)
+        if best is None or miss < best[0] or (miss == best[0] == 0.0 and alloc.total_loss < best[1].total_loss):
+            best = (miss, alloc, built, trial)
+        if measured >= ratio * 0.97:
+            break
+        budget = tighten(budget0 if round_no == 0 else budget, after_ms * total_before / before_ms, alloc.total_cost)
+    assert best is not None
+    _, alloc, built, trial = best
+    report.allocation = alloc
+    report.seconds = time.perf_counter() - start
+    trial.notes.extend(report.lines())
+    if name == "target_speedup" and built is not None:
+        per_node = _node_times(built, example_inputs)
+        for entry in trial.layers:
+            if entry.name in chosen_layers:
+                entry.measured_cost = per_node.get(entry.node)
+    return trial, report, built
+
+
+def _apply(plan: Plan, alloc: Allocation, gm: fx.GraphModule, config: TuckerConfig,
+           cost_of: dict[str, dict[Optional[tuple[int, ...]], float]]) -> None:
+    """Write the allocation into ``plan``'s entries."""
+    for entry in plan.layers:
+        opt = alloc.choice.get(entry.name)
+        if opt is None:
+            continue
+        entry.predicted_loss = opt.loss
+        entry.budget_cost = opt.cost
+        entry.notes = [n for n in entry.notes if not n.startswith("EVBMF gave rank")]  # ranks are the budget's
+        if opt.ranks is None:
+            if entry.applied:
+                entry.reason = "budget: left alone (no decomposition paid for its predicted loss)"
+            entry.kind = "none"
+            entry.macs_after, entry.params_after = entry.macs_before, entry.params_before
+            continue
+        entry.kind = option_kind(entry) or entry.kind
+        entry.ranks = opt.ranks
+        entry.rank_source = "budget"
+        entry.reason = None
+        entry.macs_after, entry.params_after = option_cost(gm, entry, config, opt.ranks)
