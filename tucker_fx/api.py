@@ -482,17 +482,17 @@ def compress(model: nn.Module, *example_inputs: Any, config: Optional[TuckerConf
     return result
 
 
-def _check_data_args(config: TuckerConfig, calibration: Any, evaluate: Any) -> None:
+def _check_data_args(config: TuckerConfig, calibration: Any, evaluate: Any, verb: str = "compress") -> None:
     if config.data_aware and calibration is None:
-        raise ValueError("compress: TuckerConfig(data_aware=True) needs calibration data: expected calibration= an "
+        raise ValueError(f"{verb}: TuckerConfig(data_aware=True) needs calibration data: expected calibration= an "
                          "iterable of model inputs (tensors or tuples of them), got None")
     if evaluate is not None and not callable(evaluate):
-        raise TypeError(f"compress: evaluate: expected a callable module -> float, got {type(evaluate).__name__}")
+        raise TypeError(f"{verb}: evaluate: expected a callable module -> float, got {type(evaluate).__name__}")
     if config.max_metric_drop is not None and evaluate is None:
-        raise ValueError("compress: TuckerConfig(max_metric_drop=...) needs evaluate= a callable module -> float "
+        raise ValueError(f"{verb}: TuckerConfig(max_metric_drop=...) needs evaluate= a callable module -> float "
                          "(higher is better), got None")
     if calibration is not None and isinstance(calibration, torch.Tensor):
-        raise TypeError("compress: calibration: expected an iterable of model inputs (a list of batches, a "
+        raise TypeError(f"{verb}: calibration: expected an iterable of model inputs (a list of batches, a "
                         "generator), got one tensor; wrap it: calibration=[x]")
 
 
@@ -590,16 +590,19 @@ def _within_metric_drop(model: nn.Module, example_inputs: tuple, config: TuckerC
 
 @_keeps_global_rng
 def apply_plan(model: nn.Module, plan: Plan, *example_inputs: Any,
-               config: Optional[TuckerConfig] = None, capture: str = "auto") -> CompressionResult:
+               config: Optional[TuckerConfig] = None, capture: str = "auto",
+               calibration: Optional[Iterable[Any]] = None) -> CompressionResult:
     """Rebuild the compressed structure of ``plan`` (edited, or loaded with ``Plan.load``) on ``model``.
 
     The plan's kinds and ranks are used as they are; its cost columns are recomputed. The model
     is captured as ``plan.capture`` says (layer names depend on it), else as ``compress`` does;
-    ``capture="symbolic_trace"`` or ``"export"`` overrides that.
+    ``capture="symbolic_trace"`` or ``"export"`` overrides that. With ``TuckerConfig(data_aware=True)``
+    the factors are fitted to ``calibration`` (as in :func:`compress`); a ``target_*`` of ``config``
+    is ignored (the plan's ranks are the answer to it).
     """
     if isinstance(model, torch.export.ExportedProgram):
         module, inputs = _unpack_exported("apply_plan", model, example_inputs)
-        result = apply_plan(module, plan, *inputs, config=config)
+        result = apply_plan(module, plan, *inputs, config=config, calibration=calibration)
         _reexport(result, model, inputs)
         result.capture = result.plan.capture = "exported_program"
         result.keep_plan()
@@ -613,11 +616,16 @@ def apply_plan(model: nn.Module, plan: Plan, *example_inputs: Any,
     if config.validate:
         check_runnable_inputs("apply_plan", example_inputs)
     path = _capture_path(capture, "apply_plan")
+    config = config.replace(target_speedup=None, target_flops_ratio=None, target_params_ratio=None,
+                            max_metric_drop=None)
+    _check_data_args(config, calibration, None, "apply_plan")
     if path == "auto" and plan.capture in CAPTURE_PATHS:
         path = str(plan.capture)
     progress = Progress(config.progress)
     gm, before, captured = _analysed_copy(model, example_inputs, path, config.validate, "apply_plan")
     gm, reference = _prepare(gm, example_inputs, config)
+    if calibration is not None:
+        collect_stats(gm, calibration, progress=progress)
     from tucker_fx.planning.planner import candidate_sites, check_plan_entry
 
     sites = {s.display_name: s for s in candidate_sites(gm)}
@@ -654,6 +662,9 @@ def apply_plan(model: nn.Module, plan: Plan, *example_inputs: Any,
                 new.reason = old.reason
             new.lowering = old.lowering if old.lowering != "original" else None
             new.timings_ms = dict(old.timings_ms)
+            new.predicted_loss, new.budget_cost = old.predicted_loss, old.budget_cost
+            if old.rank_source == "budget" and new.applied:
+                new.rank_source = "budget"
     replanned.capture = captured.path
     replanned.notes[:0] = _graph_notes(gm, captured, config)
     result = _finish(model, gm, reference, replanned, before, example_inputs, config, progress)
