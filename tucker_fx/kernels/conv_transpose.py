@@ -9,8 +9,8 @@ project's 2-core CPU (one thread, fp32, batch 1): MONAI BasicUNet's last up-conv
 kernel 2, on 32^3 -> 64^3, took 98.6 ms as ``aten.conv_transpose3d`` in the compressed model's node
 profile; this form runs it as a 256 x 32 by 32 x 32768 product and one copy.
 
-Exact up to float summation order. On fake tensors and under ``torch.compile``/``torch.export``
-the module is the plain transposed conv.
+Exact up to float summation order. Plain ops only (a product, a permute, a reshape), so the same
+form goes through ``torch.compile`` (inductor fuses the reshuffle with the bias) and ``torch.export``.
 
 Example:
     >>> import torch, torch.nn as nn
@@ -57,19 +57,21 @@ def is_patch_conv_transpose(weight_shape: tuple[int, ...], stride: object, paddi
 def _patch_conv_transpose(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     dims = weight.dim() - 2
     k = tuple(weight.shape[2:])
-    if torch.compiler.is_compiling() or is_fake(x) or x.dim() != weight.dim():
+    if x.dim() != weight.dim():
         return _FUNCS[dims - 1](x, weight, bias, stride=k)
     n, cin, spatial = x.shape[0], x.shape[1], tuple(x.shape[2:])
     cout = weight.shape[1]
     w2 = weight.reshape(cin, -1).t()  # (C_out * prod(k), C_in)
     cols = x.reshape(n, cin, -1)
-    y = torch.mm(w2, cols[0]).unsqueeze(0) if n == 1 else torch.matmul(w2, cols)
+    eager_single = not torch.compiler.is_compiling() and not is_fake(x) and n == 1
+    y = torch.mm(w2, cols[0]).unsqueeze(0) if eager_single else torch.matmul(w2, cols)
     y = y.reshape(n, cout, *k, *spatial)
     # (n, C_out, k1..kd, s1..sd) -> (n, C_out, s1, k1, ..., sd, kd)
     order = [0, 1] + [j for i in range(dims) for j in (2 + dims + i, 2 + i)]
     out = y.permute(order).reshape(n, cout, *(s * kk for s, kk in zip(spatial, k)))
     if bias is not None:
-        out = out.add_(bias.reshape(1, -1, *([1] * dims)))
+        out = out + bias.reshape(1, -1, *([1] * dims)) if torch.compiler.is_compiling() else out.add_(
+            bias.reshape(1, -1, *([1] * dims)))
     return out
 
 

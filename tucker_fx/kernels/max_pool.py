@@ -9,8 +9,9 @@ stride 2, padding 1) took 161 ms as is and 66 ms converted to channels_last_3d a
 bit (a max is exact), for every kernel/stride/padding/dilation/ceil_mode.
 
 :class:`ChannelsLastMaxPool` is that conversion around the same op, on the CPU in eager mode; on
-other devices and under ``torch.compile``/``torch.export`` it is the plain op (the compiler picks
-layouts itself). Pools whose windows tile the input go to :class:`~tucker_fx.kernels.WindowMax`
+other devices and under ``torch.compile``/``torch.export`` as the custom op ``tucker_fx::max_pool3d_cl`` under
+``torch.compile`` (:mod:`tucker_fx.kernels.ops`); on other devices and under ``torch.export`` it is
+the plain op. Pools whose windows tile the input go to :class:`~tucker_fx.kernels.WindowMax`
 instead (a reshape and ``amax`` per dim: faster still).
 
 Example:
@@ -32,6 +33,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
+
+from tucker_fx.kernels import ops as _ops  # noqa: F401  (registers torch.ops.tucker_fx.*)
 
 __all__ = ["ChannelsLastMaxPool", "MaxPoolSpec", "max_pool_spec"]
 
@@ -107,7 +110,11 @@ class ChannelsLastMaxPool(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         s = self.spec
-        if (x.dim() == 5 and x.device.type == "cpu" and not torch.compiler.is_compiling() and not is_fake(x)):
+        if torch.compiler.is_compiling():
+            if x.dim() == 5 and x.device.type == "cpu" and not torch.compiler.is_exporting():
+                return torch.ops.tucker_fx.max_pool3d_cl(x, list(s.kernel_size), list(s.stride), list(s.padding),
+                                                         list(s.dilation), s.ceil_mode)
+        elif x.dim() == 5 and x.device.type == "cpu" and not is_fake(x):
             y = F.max_pool3d(x.contiguous(memory_format=torch.channels_last_3d), s.kernel_size, s.stride,
                              s.padding, s.dilation, s.ceil_mode)
             return y.contiguous()

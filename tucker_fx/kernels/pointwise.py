@@ -10,10 +10,11 @@ stride (a 1x1 kernel with stride s reads every s-th position).
 A small-channel core conv (e.g. 16 -> 16, 3x3x3) is sent by the same heuristic to
 ``slow_conv3d``, which unfolds the input and multiplies skinny matrices; ``torch.mkldnn_convolution``
 runs the same conv with mkldnn's direct kernels. :class:`MkldnnConv` calls it on the CPU (float32,
-bfloat16) in eager mode and is the ordinary conv elsewhere: on other devices (a module built on the
-CPU still runs on a GPU), on fake tensors (shape propagation), and under ``torch.compile`` /
-``torch.export`` (the graph gets a plain conv, which exports anywhere and which inductor lowers
-its own way).
+bfloat16) in eager mode, and as the custom op ``tucker_fx::mkldnn_conv`` under ``torch.compile``
+(:mod:`tucker_fx.kernels.ops`: inductor would lower a plain conv to the slow call); it is the
+ordinary conv elsewhere: on other devices (a module built on the CPU still runs on a GPU), on fake
+tensors (shape propagation), and under ``torch.export`` (the graph gets a plain conv, which exports
+anywhere).
 
 Both keep the conv's ``weight``/``bias`` as Parameters of the same shapes (a state dict of the
 conv loads into them), are exact (the same products in another order), and differentiable.
@@ -36,6 +37,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
+
+from tucker_fx.kernels import ops as _ops  # noqa: F401  (registers torch.ops.tucker_fx.*)
 
 __all__ = ["PointwiseConv", "MkldnnConv", "is_pointwise", "mkldnn_eligible"]
 
@@ -113,11 +116,15 @@ class PointwiseConv(nn.Module):
 @torch.fx.wrap
 def _mkldnn_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: tuple[int, ...],
                  padding: tuple[int, ...], dilation: tuple[int, ...], groups: int) -> Tensor:
-    if (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and x.dim() == weight.dim()
-            and not torch.compiler.is_compiling() and not is_fake(x)):
+    eligible = x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and x.dim() == weight.dim()
+    if torch.compiler.is_compiling():
+        if eligible and not torch.compiler.is_exporting():
+            # torch.compile: an opaque op that inductor calls as is (its own lowering of this conv is ATen's slow one)
+            return torch.ops.tucker_fx.mkldnn_conv(x, weight, bias, list(stride), list(padding), list(dilation), groups)
+    elif eligible and not is_fake(x):
         return torch.mkldnn_convolution(x, weight, bias, padding, stride, dilation, groups)
-    # fake tensors (shape propagation), torch.compile/export (a plain conv in the graph: portable,
-    # and inductor chooses its own kernel), other devices and dtypes
+    # fake tensors (shape propagation), torch.export (a plain conv in the graph: portable), other
+    # devices and dtypes
     conv = (F.conv1d, F.conv2d, F.conv3d)[weight.dim() - 3]
     return conv(x, weight, bias, stride, padding, dilation, groups)
 
