@@ -16,6 +16,7 @@ Run ``tucker-fx COMMAND --help`` for each command's options and their defaults.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import shutil
@@ -311,6 +312,51 @@ def _example_inputs(args: argparse.Namespace, shape: tuple[int, ...]) -> torch.T
     return _example(shape, args.device, args.dtype)
 
 
+CALIBRATION_CLIPS = 32
+"""Synthetic THETIS clips used as calibration data for the built-in THETIS net."""
+
+
+def _calibration(args: argparse.Namespace, shape: tuple[int, ...]) -> Optional[list[Any]]:
+    """The calibration batches of ``compress``: ``--calibration`` (a tensor or list of tensors saved with
+    torch.save, or ``package.module:function`` returning an iterable of inputs), else the built-in data of
+    a built-in model (synthetic THETIS clips for ``thetis``), else ``--inputs``; ``None`` when there is
+    none (a budget then scores on the example input; ``--data-aware`` needs data)."""
+    spec = args.calibration
+    if spec:
+        if ":" in spec and not os.path.exists(spec):
+            _import_path()
+            module_name, _, fn_name = spec.partition(":")
+            try:
+                fn = getattr(importlib.import_module(module_name), fn_name)
+            except (ImportError, AttributeError) as exc:
+                raise ValueError(f"--calibration: cannot import {spec!r} ({exc}); expected a file saved with "
+                                 "torch.save or package.module:function") from exc
+            return [b for b in fn()]
+        try:
+            data = torch.load(spec, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ValueError(f"--calibration: cannot read {spec!r} as tensors saved with torch.save ({exc})") from exc
+        if isinstance(data, torch.Tensor):
+            step = max(1, shape[0])
+            data = list(data.split(step))
+        if not (isinstance(data, (list, tuple)) and data and all(isinstance(t, torch.Tensor) for t in data)):
+            raise ValueError(f"--calibration: expected a tensor or a list of tensors in {spec!r}, got "
+                             f"{type(data).__name__}")
+        return [t.to(device=args.device, dtype=DTYPES[args.dtype]) for t in data]
+    if args.model.split(":")[0] == "thetis" and len(shape) == 5:
+        from tucker_fx.apps.paper.data import SyntheticThetis
+
+        ds = SyntheticThetis(CALIBRATION_CLIPS, resolution=(shape[3], shape[4]), frames=shape[2], split="train")
+        clips = torch.stack([ds[i][0] for i in range(len(ds))]).to(device=args.device, dtype=DTYPES[args.dtype])
+        return list(clips.split(8))
+    if getattr(args, "inputs", None):
+        return [_example_inputs(args, shape)]
+    if args.data_aware:
+        raise ValueError(f"--data-aware: needs calibration data for {args.model!r}: expected --calibration PATH "
+                         "(tensors saved with torch.save) or --calibration package.module:function")
+    return None
+
+
 def _cmd_compress(args: argparse.Namespace) -> int:
     from tucker_fx.api import compress
     from tucker_fx.config import TuckerConfig
@@ -323,9 +369,14 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     model, shape = _load(args.model, shape, checkpoint=args.checkpoint, trust=args.trust_checkpoint,
                          device=args.device, dtype=args.dtype)
     x = _example_inputs(args, shape)
+    targets = {k: getattr(args, k) for k in ("target_speedup", "target_flops_ratio", "target_params_ratio")}
     config = TuckerConfig(rank=args.rank, ranks=_ranks_option(args.ranks), exclude=tuple(args.exclude or ()),  # type: ignore[arg-type]
-                          policy=args.policy, lowering=args.lowering, progress=False if args.quiet else None)
-    result = compress(model, x, config=config)
+                          policy=args.policy, lowering=args.lowering, progress=False if args.quiet else None,
+                          data_aware=args.data_aware, **targets)
+    calibration = None
+    if args.data_aware or any(v is not None for v in targets.values()):
+        calibration = _calibration(args, tuple(x.shape))
+    result = compress(model, x, config=config, calibration=calibration)
     summary = result.summary()
     if _compact_wanted(args.compact):
         markdown = result.plan.to_markdown()
@@ -639,6 +690,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lowering", choices=("auto", "none"), default="auto",
                    help="'auto': each block runs as its fastest variant (direct, FFT, ...); 'none': the plain "
                         "three-conv chain (exports to ONNX as it is)")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--target-speedup", type=_float_at_least(1.0), default=None, metavar="X",
+                        help="choose each layer's ranks (or leave it alone) for this measured speed-up at the example "
+                             "input, with the least loss on the calibration data (default: no target)")
+    target.add_argument("--target-flops-ratio", type=_float_at_least(1.0), default=None, metavar="X",
+                        help="the same for a FLOPs cut (before / after; default: no target)")
+    target.add_argument("--target-params-ratio", type=_float_at_least(1.0), default=None, metavar="X",
+                        help="the same for a parameter cut (before / after; default: no target)")
+    p.add_argument("--data-aware", action="store_true",
+                   help="fit the factors to the layers' responses on calibration data, not only to the weights "
+                        "(default: off)")
+    p.add_argument("--calibration", metavar="PATH|module:function", default=None,
+                   help="calibration data for --data-aware and the --target-* search: tensors saved with torch.save "
+                        "(split into batches of the input's batch size) or package.module:function returning an "
+                        "iterable of inputs (default: synthetic clips for 'thetis', else --inputs)")
     _add(p, "device")
     _add(p, "dtype")
     p.add_argument("--save", metavar="DIR", default=None,
