@@ -95,3 +95,23 @@ def test_tuned_pool_lowering_times_the_call_itself():
     torch.testing.assert_close(gm(x), ref, rtol=0, atol=0)
     assert any("max_pool" in line or "pool" in line for line in gm.meta.get("tucker_fx.notes", [])) or all(
         n.op != "call_module" or "pool" not in str(n.target) for n in gm.graph.nodes)
+
+
+def test_zero_width_pads_are_dropped_only_where_nothing_else_sees_the_tensor():
+    from tucker_fx.passes.noop_pads import DropNoOpPads
+
+    class Net(nn.Module):
+        def forward(self, x):
+            a = F.pad(x, [0, 0, 0, 0], mode="replicate")  # of an input: kept (an in-place op after would reach it)
+            y = x * 2
+            b = F.pad(y, [0, 0, 0, 0], mode="replicate").relu_()  # y used once: dropped
+            z = x + 1
+            c = F.pad(z, [0, 0, 0, 0], mode="replicate").relu_()  # z used twice: kept
+            return a + b + c + z
+
+    x = torch.randn(1, 2, 4, 4)
+    gm = torch.fx.symbolic_trace(Net())
+    ref = Net()(x)
+    assert DropNoOpPads()(gm).modified
+    assert sum("pad" in str(n.target) for n in gm.graph.nodes) == 2
+    torch.testing.assert_close(gm(x), ref)

@@ -21,8 +21,8 @@ The pipelines:
 
 - :data:`COMPRESS` = :data:`PREPARE` (BatchNorm folding) then planning (by the caller: it needs
   the analysis of the folded graph, and a plan with nothing to decompose ends there) then
-  :data:`DECOMPOSE` (rewrite, block lowering, max-pool first, window max, merge of linear maps,
-  fast kernels for the convs left);
+  :data:`DECOMPOSE` (rewrite, block lowering, max-pool first, max pools in fast layouts, merge of
+  linear maps, zero-width pads dropped, fast kernels for the convs left);
 - :data:`LOWER` = :data:`PREPARE` then the lowering of the plain model (each conv's variant,
   max-pool first, window max, merge): ``tucker_fx.lower``, the fair baseline.
 
@@ -38,7 +38,7 @@ Example:
     >>> run = pipeline_run(TuckerConfig(tuning_cache=False), (x,), holds=())
     >>> gm = run.run(torch.fx.symbolic_trace(net), LOWER)
     >>> run.ran
-    ['fold_batchnorm', 'lower_convs', 'pool_before_activation', 'lower_max_pools', 'merge_linear', 'fast_kernels']
+    ['fold_batchnorm', 'lower_convs', 'pool_before_activation', 'lower_max_pools', 'merge_linear', 'drop_noop_pads', 'fast_kernels']
     >>> bool(torch.allclose(gm(x), net(x), atol=1e-6))
     True
 """
@@ -55,13 +55,15 @@ from tucker_fx.passes.fast_kernels import UseFastKernels
 from tucker_fx.passes.fold_bn import FoldBatchNorm
 from tucker_fx.passes.lowering import LowerBlocks, LowerConvs, LowerMaxPools
 from tucker_fx.passes.merge_linear import MergeLinear
+from tucker_fx.passes.noop_pads import DropNoOpPads
 from tucker_fx.passes.pool_first import PoolBeforeActivation
 from tucker_fx.passes.runner import Fact, PipelineRun, Stage, StageContext, check_stages
 from tucker_fx.passes.tucker_rewrite import TuckerRewrite
 
 __all__ = [
     "SHAPES", "SITES", "PLAN", "ORIGINALS", "FACTS",
-    "FOLD_BN", "REWRITE", "LOWER_BLOCKS", "POOL_FIRST", "LOWER_MAX_POOLS", "MERGE", "LOWER_CONVS", "FAST_KERNELS",
+    "FOLD_BN", "REWRITE", "LOWER_BLOCKS", "POOL_FIRST", "LOWER_MAX_POOLS", "MERGE", "LOWER_CONVS", "DROP_PADS",
+    "FAST_KERNELS",
     "PREPARE", "DECOMPOSE", "COMPRESS", "LOWER", "pipeline_run",
 ]
 
@@ -115,6 +117,10 @@ def _merge(ctx: StageContext) -> Optional[MergeLinear]:
     return MergeLinear() if ctx.config.merge else None
 
 
+def _drop_pads(ctx: StageContext) -> Optional[DropNoOpPads]:
+    return DropNoOpPads() if _lowering(ctx.config) else None
+
+
 def _fast_kernels(ctx: StageContext) -> Optional[UseFastKernels]:
     return UseFastKernels() if _lowering(ctx.config) else None
 
@@ -143,17 +149,19 @@ LOWER_CONVS = Stage("lower_convs", _lower_convs, requires=(SHAPES,), invalidates
                     doc="each plain conv runs as its fastest variant (config.lowering='auto'); choices in "
                         "gm.meta[LOWERING_KEY]")
 
+DROP_PADS = Stage("drop_noop_pads", _drop_pads, invalidates=(SITES,),
+                  doc="zero-width pads of a tensor nothing else uses dropped (config.lowering='auto'); keeps tensor_meta")
 FAST_KERNELS = Stage("fast_kernels", _fast_kernels, requires=(SHAPES,), invalidates=(SITES,),
                      doc="1x1 convs as matmul and narrow 3-d convs on mkldnn, where ATen's own choice is slow "
                          "(config.lowering='auto'); keeps tensor_meta")
 
 PREPARE: tuple[Stage, ...] = (FOLD_BN,)
 """Before planning: the planner sees the folded layers."""
-DECOMPOSE: tuple[Stage, ...] = (REWRITE, LOWER_BLOCKS, POOL_FIRST, LOWER_MAX_POOLS, MERGE, FAST_KERNELS)
+DECOMPOSE: tuple[Stage, ...] = (REWRITE, LOWER_BLOCKS, POOL_FIRST, LOWER_MAX_POOLS, MERGE, DROP_PADS, FAST_KERNELS)
 """After planning (requires the plan in ``gm.meta``)."""
 COMPRESS: tuple[Stage, ...] = PREPARE + DECOMPOSE
 """``compress`` and ``apply_plan``: :data:`PREPARE`, planning, :data:`DECOMPOSE`."""
-LOWER: tuple[Stage, ...] = PREPARE + (LOWER_CONVS, POOL_FIRST, LOWER_MAX_POOLS, MERGE, FAST_KERNELS)
+LOWER: tuple[Stage, ...] = PREPARE + (LOWER_CONVS, POOL_FIRST, LOWER_MAX_POOLS, MERGE, DROP_PADS, FAST_KERNELS)
 """``lower``: the same lowering passes on the undecomposed model."""
 
 _ANALYSED = (SHAPES, SITES)  # what a freshly analysed capture holds
