@@ -115,3 +115,26 @@ def test_zero_width_pads_are_dropped_only_where_nothing_else_sees_the_tensor():
     assert DropNoOpPads()(gm).modified
     assert sum("pad" in str(n.target) for n in gm.graph.nodes) == 2
     torch.testing.assert_close(gm(x), ref)
+
+
+def test_tuner_never_reverts_a_layer_on_unsteady_timings(monkeypatch):
+    """A busy machine (wild spread, twice) must not put the original layer back."""
+    import tucker_fx
+    import tucker_fx.passes.lowering as lowering
+
+    calls = {"n": 0}
+
+    def fake_samples(fns, repeats=7, **kw):
+        calls["n"] += 1
+        # 'original' looks fastest, but every candidate's runs spread by x3: noise
+        return {k: ([1.0, 3.0, 1.0, 3.0, 1.0] if k == "original" else [2.0, 6.0, 2.0, 6.0, 2.0]) for k in fns}
+
+    monkeypatch.setattr(lowering, "compare_samples", fake_samples)
+    net = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1)).eval()
+    x = torch.randn(1, 16, 8, 8)
+    r = tucker_fx.compress(net, x, config=tucker_fx.TuckerConfig(rank=0.5, tune=True, tuning_cache=False,
+                                                                 speed_check=False, progress=False))
+    entry = r.plan["0"]
+    assert entry.applied and entry.lowering != "original"
+    assert entry.lowering_source == lowering.BUSY_SOURCE
+    assert calls["n"] >= 2  # measured again before deciding
