@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 __all__ = ["UntraceableModelError", "ShapePropagationError", "DecompositionError", "TuckerWarning", "SlowerThanOriginalWarning",
-           "CaptureWarning", "PoorCompressionWarning", "PlanEditedWarning"]
+           "CaptureWarning", "PoorCompressionWarning", "PlanEditedWarning", "TargetNotMetWarning"]
 
 
 class UntraceableModelError(ValueError):
@@ -38,3 +38,8 @@ class PlanEditedWarning(TuckerWarning):
 class SlowerThanOriginalWarning(TuckerWarning):
     """The compressed model ran slower than the original at the example inputs (the figures are in
     the message and in ``CompressionResult.timing``)."""
+
+
+class TargetNotMetWarning(TuckerWarning):
+    """A ``TuckerConfig.target_*`` could not be met: even the cheapest allocation misses it, or the
+    measured speed-up stayed short after every round; the result is the closest one found."""

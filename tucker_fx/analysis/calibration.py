@@ -129,9 +129,13 @@ def collect_stats(gm: fx.GraphModule, calibration: Iterable[Any], *, max_positio
         s = n.meta[SITE_KEY]
         stats.setdefault(s.display_name, (ChannelStats(s.in_channels, dim=-1), ChannelStats(s.out_channels, dim=-1)))
     collector = _Collector(gm, stats, max_positions)
+    n_inputs = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
     batches = 0
     with torch.no_grad():
         for batch in as_batches(calibration):
+            if len(batch) > n_inputs:
+                raise TypeError(f"calibration: item {batches}: {len(batch)} tensors for a model of {n_inputs} "
+                                f"input(s); for a DataLoader of (x, y) pass (x for x, _ in loader)")
             if progress is not None:
                 progress.step(batches + 1, None, "calibration statistics")
             collector.run(*batch)

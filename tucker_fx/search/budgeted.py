@@ -14,9 +14,11 @@ whole-model ratio, not a rank rule. :func:`budgeted_plan` answers it in four ste
    last pass would give it (:class:`~tucker_fx.passes.fast_kernels.UseFastKernels`); the rest of
    the network's time is the model's measured time minus its layers'.
 4. **Allocation and check.** :func:`~tucker_fx.planning.budget.allocate` picks one option per layer
-   within the budget (Lagrangian + greedy); the caller builds the model, and for a speed target
-   :func:`budgeted_plan` times it against the original and, if the target is missed, tightens the
-   budget and allocates again (:data:`MAX_ROUNDS`).
+   within the budget (Lagrangian + greedy); for a speed target :func:`budgeted_plan` builds the model,
+   times it against the original and, if the target is missed (or overshot by over
+   :data:`OVERSHOOT`), scales the budget by measured / target and allocates again
+   (:data:`MAX_ROUNDS`; the round that meets the target with the least loss is kept). A target that
+   is not met gets a :class:`~tucker_fx.errors.TargetNotMetWarning` and a plan note.
 
 The plan records per layer the chosen ranks, ``predicted_loss`` and ``budget_cost`` (and, for a
 speed target, ``measured_cost``: the layer's nodes timed in the compressed model); its notes tell
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -63,10 +66,11 @@ from tucker_fx.decomposition import (
     tucker1,
     tucker2,
 )
+from tucker_fx.errors import TargetNotMetWarning
 from tucker_fx.passes.blocks import build_block
 from tucker_fx.passes.fast_kernels import UseFastKernels
 from tucker_fx.passes.tucker_rewrite import original_module
-from tucker_fx.planning.budget import Allocation, Option, allocate, budget_for, tighten
+from tucker_fx.planning.budget import Allocation, Option, allocate, budget_for
 from tucker_fx.planning.plan import LayerPlan, Plan
 from tucker_fx.planning.planner import option_cost, option_kind
 
@@ -79,6 +83,10 @@ SEARCH_BATCHES = 2
 """Calibration batches used to score each option (all batches feed the statistics)."""
 MAX_ROUNDS = 3
 """Allocate-build-measure rounds for a speed target."""
+SPEED_TOLERANCE = 0.03
+"""A speed target counts as met within this fraction below it."""
+OVERSHOOT = 0.2
+"""A speed-up this far above the target gets another round with a looser budget (less loss)."""
 TIMING_REPEATS = 3
 """Timed runs per option (medians, interleaved)."""
 
@@ -220,7 +228,7 @@ def measure_layer_times(gm: fx.GraphModule, entry: LayerPlan, config: TuckerConf
     if entry.as_conv:
         original = nn.Sequential(nn.Flatten(1), original)
     fns: dict[Optional[tuple[int, ...]], Callable[[], Any]] = {}
-    mods = {None: _fast(original, x)}
+    mods = {None: _fast(nn.Sequential(original), x)}  # traced as a module call, so the pass sees the conv
     kind = option_kind(entry)
     for ranks in ranks_list:
         block, _ = build_block(site.weight(gm), site.bias(gm), kind=kind or "tucker2", ranks=ranks, op=site.op,
@@ -258,6 +266,7 @@ def _node_times(gm: fx.GraphModule, inputs: tuple, repeats: int = 3) -> dict[str
 def budgeted_plan(gm: fx.GraphModule, plan: Plan, config: TuckerConfig, example_inputs: tuple,
                   batches: list[tuple], *, totals: tuple[float, float] = (0.0, 0.0),
                   original_ms: Optional[Callable[[], float]] = None,
+                  lowered_ms: Optional[Callable[[], float]] = None,
                   build: Optional[Callable[[Plan], fx.GraphModule]] = None,
                   compressed_ms: Optional[Callable[[fx.GraphModule], tuple[float, float]]] = None,
                   progress: Optional[Progress] = None) -> tuple[Plan, SearchReport, Optional[fx.GraphModule]]:
@@ -319,22 +328,27 @@ def budgeted_plan(gm: fx.GraphModule, plan: Plan, config: TuckerConfig, example_
     if name == "target_speedup":
         assert original_ms is not None
         total_before = original_ms()
+        # the compressed model is the lowered one with some layers replaced: the rest of its time is the
+        # lowered model's minus its layers' (each timed with the kernels the lowered model gives it)
+        rest_from = lowered_ms() if lowered_ms is not None else total_before
     else:
-        total_before = float(totals[0] if name == "target_flops_ratio" else totals[1])
-    fixed = max(0.0, total_before - sum(cost_of[n][None] for n in chosen_layers))
-    budget0 = budget_for(ratio, total_before)
-    budget = budget0
+        total_before = rest_from = float(totals[0] if name == "target_flops_ratio" else totals[1])
+    fixed = max(0.0, rest_from - sum(cost_of[n][None] for n in chosen_layers))
+    budget = budget_for(ratio, total_before)
     built: Optional[fx.GraphModule] = None
-    best: Optional[tuple[float, Allocation, Optional[fx.GraphModule], Plan]] = None
+    best: Optional[tuple[bool, float, Allocation, Optional[fx.GraphModule], Plan]] = None
+    met = True
     for round_no in range(MAX_ROUNDS if name == "target_speedup" else 1):
         alloc = allocate(options, budget, fixed_cost=fixed)
         trial = Plan.from_dict(plan.to_dict())
         _apply(trial, alloc, gm, config, cost_of)
         row: dict[str, Any] = {"budget": budget, "predicted": alloc.total_cost, "loss": alloc.total_loss,
-                               "predicted_ratio": total_before / max(alloc.total_cost, 1e-30)}
+                               "predicted_ratio": total_before / max(alloc.total_cost, 1e-30),
+                               "feasible": alloc.feasible}
         report.rounds.append(row)
         if name != "target_speedup" or build is None or compressed_ms is None:
-            best = (0.0, alloc, None, trial)
+            best = (alloc.feasible, 0.0, alloc, None, trial)
+            met = alloc.feasible
             break
         if progress is not None:
             progress.step(round_no + 1, MAX_ROUNDS, "budget: building and timing the allocation")
@@ -342,17 +356,30 @@ def budgeted_plan(gm: fx.GraphModule, plan: Plan, config: TuckerConfig, example_
         before_ms, after_ms = compressed_ms(built)
         measured = before_ms / after_ms
         row["measured_ratio"] = measured
-        miss = max(0.0, ratio - measured)
-        if best is None or miss < best[0] or (miss == best[0] == 0.0 and alloc.total_loss < best[1].total_loss):
-            best = (miss, alloc, built, trial)
-        if measured >= ratio * 0.97:
-            break
-        budget = tighten(budget0 if round_no == 0 else budget, after_ms * total_before / before_ms, alloc.total_cost)
+        ok = measured >= ratio * (1 - SPEED_TOLERANCE)
+        # best: a round that meets the target with the least loss, else the fastest round
+        if (best is None or (ok and not best[0]) or (ok and alloc.total_loss < best[2].total_loss)
+                or (not ok and not best[0] and measured > best[1])):
+            best = (ok, measured, alloc, built, trial)
+        if ok and (measured <= ratio * (1 + OVERSHOOT) or alloc.total_loss == 0.0):
+            break  # met (a looser budget cannot lower a loss of zero)
+        # scale the budget by how far the measurement is from the target (shrink when short, loosen when
+        # well over: less loss for the same goal)
+        budget *= max(0.5, min(2.0, measured / ratio)) * (1 - SPEED_TOLERANCE if not ok else 1.0)
     assert best is not None
-    _, alloc, built, trial = best
+    met, _, alloc, built, trial = best
     report.allocation = alloc
     report.seconds = time.perf_counter() - start
     trial.notes.extend(report.lines())
+    if not met:
+        last = report.rounds[-1]
+        got = (f"measured x{best[1]:.2f} at best" if name == "target_speedup"
+               else f"the cheapest allocation gives x{last['predicted_ratio']:.2f}")
+        message = (f"{name}={ratio:g} was not met: {got}; the result is the closest found. Layers that cannot be "
+                   "decomposed (and, for speed, the time outside conv/linear layers) bound what a rank choice can "
+                   "reach")
+        trial.notes.append("WARNING: " + message)
+        warnings.warn(message, TargetNotMetWarning, stacklevel=4)
     if name == "target_speedup" and built is not None:
         per_node = _node_times(built, example_inputs)
         for entry in trial.layers:
@@ -374,7 +401,7 @@ def _apply(plan: Plan, alloc: Allocation, gm: fx.GraphModule, config: TuckerConf
         if opt.ranks is None:
             if entry.applied:
                 entry.reason = "budget: left alone (no decomposition paid for its predicted loss)"
-            entry.kind = "none"
+            entry.kind, entry.ranks, entry.rank_source = "none", None, "budget"
             entry.macs_after, entry.params_after = entry.macs_before, entry.params_before
             continue
         entry.kind = option_kind(entry) or entry.kind
