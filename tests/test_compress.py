@@ -445,3 +445,18 @@ def test_cli_demo_and_compress(tmp_path, capsys):
     plan = tmp_path / "plan.json"
     assert main(["compress", "conv2d", "--rank", "0.5", "--plan", str(plan), "--quiet"]) == 0
     assert Plan.load(plan).applied
+
+
+def test_the_result_follows_the_models_train_eval_mode() -> None:
+    """New blocks are built in training mode; the compressed module must follow the user's model."""
+    import warnings
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3), torch.nn.ReLU(), torch.nn.Conv2d(16, 16, 3)).eval()
+    x = torch.randn(1, 8, 12, 12)
+    cfg = tucker_fx.TuckerConfig(rank=0.5, speed_check=False, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        evaluated = tucker_fx.compress(net, x, config=cfg)
+        trained = tucker_fx.compress(net.train(), x, config=cfg)
+    assert not any(m.training for m in evaluated.module.modules())
+    assert all(m.training for m in trained.module.modules())

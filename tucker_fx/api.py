@@ -348,6 +348,7 @@ def _finish(model: nn.Module, gm: fx.GraphModule, reference: Optional[fx.GraphMo
     gm = run.run(gm, DECOMPOSE)
     if not plan.applied:  # the lowering put every original layer back
         plan.notes.append("no layer was decomposed: each layer's reason is in its row")
+    gm.train(bool(getattr(model, "training", False)))  # new blocks are built in training mode: follow the model
     run.refresh(gm, SHAPES)  # the cost report of the compressed graph is taken afresh
     after = annotate_costs(gm)
     validation = None
