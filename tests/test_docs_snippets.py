@@ -50,7 +50,7 @@ PAGES: dict[str, str | None] = {
     "mlp_example.md": None,
     "index.md": None,
     "design.md": None,
-    "benchmarks.md": "benchmark commands and the zoo's speed runs: many minutes (benchmarks/ has their tests)",
+    "benchmarks.md": None,
     "budget.md": None,
 }
 
@@ -62,6 +62,7 @@ SLOW: dict[str, str] = {
     "compress.md": "~30 s: the full-size THETIS net, and the CLI on a 3D ResNet-18",
     "demo.md": "~50 s: three runs of the demo",
     "training.md": "~50 s: fine-tuning, torchrun with 2 processes, a small tucker-fx train, the linear probe",
+    "benchmarks.md": "~40 s: a THETIS bench (the zoo runs are marked not run: minutes)",
     "budget.md": "~70 s: trains a small CNN, three budgeted compressions, the max_metric_drop search",
     "mlp_example.md": "~10 s, but tests/test_training.py::test_mlp_example_runs runs its code in the fast loop already",
 }

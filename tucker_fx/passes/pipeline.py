@@ -22,7 +22,8 @@ The pipelines:
 - :data:`COMPRESS` = :data:`PREPARE` (BatchNorm folding) then planning (by the caller: it needs
   the analysis of the folded graph, and a plan with nothing to decompose ends there) then
   :data:`DECOMPOSE` (rewrite, block lowering, max-pool first, max pools in fast layouts, merge of
-  linear maps, zero-width pads dropped, fast kernels for the convs left);
+  linear maps, zero-width pads dropped, up-sampling as matrix products, fast kernels for the convs
+  left);
 - :data:`LOWER` = :data:`PREPARE` then the lowering of the plain model (each conv's variant,
   max-pool first, window max, merge): ``tucker_fx.lower``, the fair baseline.
 
@@ -38,7 +39,7 @@ Example:
     >>> run = pipeline_run(TuckerConfig(tuning_cache=False), (x,), holds=())
     >>> gm = run.run(torch.fx.symbolic_trace(net), LOWER)
     >>> run.ran
-    ['fold_batchnorm', 'lower_convs', 'pool_before_activation', 'lower_max_pools', 'merge_linear', 'drop_noop_pads', 'fast_kernels']
+    ['fold_batchnorm', 'lower_convs', 'pool_before_activation', 'lower_max_pools', 'merge_linear', 'drop_noop_pads', 'separable_interpolate', 'fast_kernels']
     >>> bool(torch.allclose(gm(x), net(x), atol=1e-6))
     True
 """
@@ -56,6 +57,7 @@ from tucker_fx.passes.fold_bn import FoldBatchNorm
 from tucker_fx.passes.lowering import LowerBlocks, LowerConvs, LowerMaxPools
 from tucker_fx.passes.merge_linear import MergeLinear
 from tucker_fx.passes.noop_pads import DropNoOpPads
+from tucker_fx.passes.resample import UseSeparableInterpolate
 from tucker_fx.passes.pool_first import PoolBeforeActivation
 from tucker_fx.passes.runner import Fact, PipelineRun, Stage, StageContext, check_stages
 from tucker_fx.passes.tucker_rewrite import TuckerRewrite
@@ -63,6 +65,7 @@ from tucker_fx.passes.tucker_rewrite import TuckerRewrite
 __all__ = [
     "SHAPES", "SITES", "PLAN", "ORIGINALS", "FACTS",
     "FOLD_BN", "REWRITE", "LOWER_BLOCKS", "POOL_FIRST", "LOWER_MAX_POOLS", "MERGE", "LOWER_CONVS", "DROP_PADS",
+    "SEPARABLE_INTERPOLATE",
     "FAST_KERNELS",
     "PREPARE", "DECOMPOSE", "COMPRESS", "LOWER", "pipeline_run",
 ]
@@ -121,6 +124,10 @@ def _drop_pads(ctx: StageContext) -> Optional[DropNoOpPads]:
     return DropNoOpPads() if _lowering(ctx.config) else None
 
 
+def _separable_interpolate(ctx: StageContext) -> Optional[UseSeparableInterpolate]:
+    return UseSeparableInterpolate() if _lowering(ctx.config) else None
+
+
 def _fast_kernels(ctx: StageContext) -> Optional[UseFastKernels]:
     return UseFastKernels() if _lowering(ctx.config) else None
 
@@ -151,17 +158,23 @@ LOWER_CONVS = Stage("lower_convs", _lower_convs, requires=(SHAPES,), invalidates
 
 DROP_PADS = Stage("drop_noop_pads", _drop_pads, invalidates=(SITES,),
                   doc="zero-width pads of a tensor nothing else uses dropped (config.lowering='auto'); keeps tensor_meta")
+SEPARABLE_INTERPOLATE = Stage("separable_interpolate", _separable_interpolate, requires=(SHAPES,),
+                              invalidates=(SITES,),
+                              doc="linear/bilinear/trilinear up-sampling as per-axis matrix products where the rule "
+                                  "says they win (config.lowering='auto'); keeps tensor_meta")
 FAST_KERNELS = Stage("fast_kernels", _fast_kernels, requires=(SHAPES,), invalidates=(SITES,),
                      doc="1x1 convs as matmul and narrow 3-d convs on mkldnn, where ATen's own choice is slow "
                          "(config.lowering='auto'); keeps tensor_meta")
 
 PREPARE: tuple[Stage, ...] = (FOLD_BN,)
 """Before planning: the planner sees the folded layers."""
-DECOMPOSE: tuple[Stage, ...] = (REWRITE, LOWER_BLOCKS, POOL_FIRST, LOWER_MAX_POOLS, MERGE, DROP_PADS, FAST_KERNELS)
+DECOMPOSE: tuple[Stage, ...] = (REWRITE, LOWER_BLOCKS, POOL_FIRST, LOWER_MAX_POOLS, MERGE, DROP_PADS, SEPARABLE_INTERPOLATE,
+                                  FAST_KERNELS)
 """After planning (requires the plan in ``gm.meta``)."""
 COMPRESS: tuple[Stage, ...] = PREPARE + DECOMPOSE
 """``compress`` and ``apply_plan``: :data:`PREPARE`, planning, :data:`DECOMPOSE`."""
-LOWER: tuple[Stage, ...] = PREPARE + (LOWER_CONVS, POOL_FIRST, LOWER_MAX_POOLS, MERGE, DROP_PADS, FAST_KERNELS)
+LOWER: tuple[Stage, ...] = PREPARE + (LOWER_CONVS, POOL_FIRST, LOWER_MAX_POOLS, MERGE, DROP_PADS, SEPARABLE_INTERPOLATE,
+                                  FAST_KERNELS)
 """``lower``: the same lowering passes on the undecomposed model."""
 
 _ANALYSED = (SHAPES, SITES)  # what a freshly analysed capture holds
