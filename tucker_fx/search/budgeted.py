@@ -85,7 +85,7 @@ MAX_ROUNDS = 3
 """Allocate-build-measure rounds for a speed target."""
 SPEED_TOLERANCE = 0.03
 """A speed target counts as met within this fraction below it."""
-OVERSHOOT = 0.2
+OVERSHOOT = 0.1
 """A speed-up this far above the target gets another round with a looser budget (less loss)."""
 TIMING_REPEATS = 3
 """Timed runs per option (medians, interleaved)."""
