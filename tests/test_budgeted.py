@@ -234,7 +234,7 @@ def test_calibration_empty_and_generators(tiny) -> None:
     with torch.no_grad():
         ref = from_list.module(x)
         assert torch.equal(ref, from_gen.module(x)) and torch.equal(ref, from_tuples.module(x))
-    assert any("data-aware factors (3 calibration batches" in n for n in from_list.plan["2"].notes)
+    assert any("3 batches)" in n and n.startswith("factors: ") for n in from_list.plan["2"].notes)
 
 
 @pytest.mark.parametrize("config", [TuckerConfig(rank=0.5, data_aware=True, **QUIET),
@@ -289,7 +289,7 @@ def test_data_aware_at_full_rank_is_exact(build) -> None:
                                 calibration=calibration)
     applied = result.plan.applied
     assert len(applied) >= 3
-    aware = [e.name for e in applied if any(n.startswith("data-aware factors (3 calibration batches") for n in e.notes)]
+    aware = [e.name for e in applied if e.factors == "data"]
     assert aware, "no layer got data-aware factors"
     for e in applied:
         assert e.ranks is not None and e.full_ranks is not None

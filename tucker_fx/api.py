@@ -36,6 +36,7 @@ from tucker_fx.passes.runner import PipelineRun
 from tucker_fx.planning.plan import KINDS, Plan
 from tucker_fx.planning.planner import build_plan
 from tucker_fx.search.budgeted import SEARCH_BATCHES, budgeted_plan
+from tucker_fx.search.factors import choose_factors
 from tucker_fx.validation import ValidationReport, check_runnable_inputs, validate
 
 __all__ = ["CompressionResult", "compress", "apply_plan", "lower", "model_signature", "PLAN_META_KEY",
@@ -474,6 +475,8 @@ def compress(model: nn.Module, *example_inputs: Any, config: Optional[TuckerConf
     search = None
     if config.target is not None:
         plan, search = _budget(model, gm, plan, before, example_inputs, config, batches, progress)
+    if config.data_aware:
+        choose_factors(gm, plan, config, batches, progress)
     result = _finish(model, gm, reference, plan, before, example_inputs, config, progress)
     result.source = model_signature(model, example_inputs)
     result.search = search
@@ -674,6 +677,7 @@ def apply_plan(model: nn.Module, plan: Plan, *example_inputs: Any,
             new.lowering = old.lowering if old.lowering != "original" else None
             new.timings_ms = dict(old.timings_ms)
             new.predicted_loss, new.budget_cost = old.predicted_loss, old.budget_cost
+            new.factors = old.factors if config.data_aware else "weights"
             if old.rank_source == "budget" and new.applied:
                 new.rank_source = "budget"
     replanned.capture = captured.path

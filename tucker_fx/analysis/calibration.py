@@ -46,12 +46,25 @@ __all__ = ["LayerStats", "collect_stats", "layer_stats", "as_batches"]
 
 @dataclass
 class LayerStats:
-    """Channel second moments of one layer on calibration data (float64, on the CPU)."""
+    """Channel statistics of one layer on calibration data (float64, on the CPU): the second moments
+    ``in_cov = E[x x^T]``, ``out_cov = E[y y^T]`` (``y`` the pre-bias output) and the means."""
 
     in_cov: torch.Tensor
     out_cov: torch.Tensor
     batches: int
     positions: int
+    in_mean: Optional[torch.Tensor] = None
+    out_mean: Optional[torch.Tensor] = None
+
+    def centred(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The covariances about the means (``in_cov - m m^T``, ``out_cov - mu mu^T``): what the factors
+        fit once the mean's share of the error goes into the bias (see ``passes.blocks.build_block``)."""
+        def centre(c: torch.Tensor, m: Optional[torch.Tensor]) -> torch.Tensor:
+            if m is None:
+                return c
+            out = c - torch.outer(m, m)
+            return 0.5 * (out + out.mT)
+        return centre(self.in_cov, self.in_mean), centre(self.out_cov, self.out_mean)
 
 
 def as_batches(calibration: Any, where: str = "calibration") -> Iterable[tuple]:
@@ -146,7 +159,8 @@ def collect_stats(gm: fx.GraphModule, calibration: Iterable[Any], *, max_positio
         ins, outs = stats[n.meta[SITE_KEY].display_name]
         if ins.count == 0:
             continue
-        n.meta[STATS_KEY] = LayerStats(ins.second_moment().cpu(), outs.second_moment().cpu(), batches, ins.count)
+        n.meta[STATS_KEY] = LayerStats(ins.second_moment().cpu(), outs.second_moment().cpu(), batches, ins.count,
+                                       ins.mean().cpu(), outs.mean().cpu())
     return batches
 
 

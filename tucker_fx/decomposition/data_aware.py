@@ -107,6 +107,7 @@ class ChannelStats:
         self.dim = dim
         self._count = 0
         self._sum: Optional[torch.Tensor] = None
+        self._first: Optional[torch.Tensor] = None  # sum of the channel vectors (for the mean)
 
     @property
     def count(self) -> int:
@@ -153,16 +154,20 @@ class ChannelStats:
         if self.dim in (-1, x.ndim - 1):
             rows = x.reshape(n, c).to(torch.float64)  # one cast copy; the reshape is a view when contiguous
             gram = rows.mT @ rows
+            first = rows.sum(0)
         else:
             cols = torch.empty((c, n), dtype=torch.float64, device=x.device)
             cols.view(x.movedim(self.dim, 0).shape).copy_(x.movedim(self.dim, 0))  # one copy + cast
             gram = cols @ cols.mT
+            first = cols.sum(1)
         if not bool(torch.isfinite(gram).all()):
             raise ValueError("x: expected finite entries, got NaN or Inf (the batch was not accumulated)")
         if self._sum is None:
-            self._sum = gram
+            self._sum, self._first = gram, first
         else:
             self._sum += gram.to(self._sum.device)
+            assert self._first is not None
+            self._first += first.to(self._first.device)
         self._count += n
 
     def second_moment(self) -> torch.Tensor:
@@ -181,6 +186,32 @@ class ChannelStats:
             raise ValueError("second_moment: expected at least one accumulated position, got count 0")
         m = self._sum / self._count
         return 0.5 * (m + m.mT)
+
+    def mean(self) -> torch.Tensor:
+        """``E[x]`` ``(C,)`` in float64.
+
+        Example:
+            >>> s = ChannelStats(2, dim=-1)
+            >>> s.update(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+            >>> s.mean().tolist()
+            [2.0, 3.0]
+        """
+        if self._first is None or self._count == 0:
+            raise ValueError("mean: expected at least one accumulated position, got count 0")
+        return self._first / self._count
+
+    def covariance(self) -> torch.Tensor:
+        """``E[(x - E x)(x - E x)^T]`` ``(C, C)`` in float64 (the centred second moment), symmetrised.
+
+        Example:
+            >>> s = ChannelStats(1, dim=-1)
+            >>> s.update(torch.tensor([[1.0], [3.0]]))
+            >>> s.covariance().tolist()
+            [[1.0]]
+        """
+        m = self.mean()
+        c = self.second_moment() - torch.outer(m, m)
+        return 0.5 * (c + c.mT)
 
     def __repr__(self) -> str:
         return f"ChannelStats(channels={self.channels}, dim={self.dim}, count={self._count})"

@@ -79,6 +79,17 @@ def _set(module: nn.Module, weight: torch.Tensor, bias: Optional[torch.Tensor], 
     return module
 
 
+def _corrected_bias(w: torch.Tensor, approx: torch.Tensor, b: Optional[torch.Tensor],
+                    in_mean: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``b`` plus the approximation's error on the mean input (``None`` in, ``None`` out without a mean)."""
+    if in_mean is None:
+        return b
+    diff = (w.double() - approx.to(w.device).double()).reshape(w.shape[0], w.shape[1], -1).sum(-1)
+    delta = diff @ in_mean.to(device=w.device, dtype=torch.float64)
+    out = delta if b is None else b.double() + delta
+    return out.to(w.dtype)
+
+
 def _pointwise(dims: int, cin: int, cout: int, bias: bool) -> nn.Module:
     return _CONV[dims](cin, cout, 1, bias=bias) if dims else nn.Linear(cin, cout, bias=bias)
 
@@ -96,6 +107,7 @@ def build_block(
     solver: str = "gram",
     in_cov: Optional[torch.Tensor] = None,
     out_cov: Optional[torch.Tensor] = None,
+    in_mean: Optional[torch.Tensor] = None,
 ) -> tuple[TuckerBlock, float]:
     """Decompose ``weight`` and build the block; returns it and the weight's relative error.
 
@@ -106,6 +118,9 @@ def build_block(
     (channel second moments of the layer's input and pre-bias output on calibration data) make the
     factors data-aware (:mod:`~tucker_fx.decomposition.data_aware`); a Linear's Tucker-2 "as a conv"
     stays weight-only (its input statistics are over the flattened features, not the channels).
+    With ``in_mean`` (the input's channel mean; the covariances then centred), the approximation's error
+    on the mean input goes into the bias: ``b + sum_k (W - W_hat)[:, :, k] @ mean`` (exact for a
+    Linear and away from a conv's zero-padded border), so the factors only need to fit the variation.
     """
     aware = in_cov is not None or out_cov is not None
     w = weight.detach()
@@ -121,24 +136,29 @@ def build_block(
             rs, rt = ranks
             dec = (data_aware_tucker2(w, (rs, rt), in_cov=in_cov, out_cov=out_cov, n_iter=hooi_iters) if aware
                    else tucker2(w, (rs, rt), n_iter=hooi_iters, solver=solver))
+            approx = dec.reconstruct()
+            b2 = _corrected_bias(w, approx, b, in_mean)
             first = _set(_pointwise(dims, s_in, rs, False), dec.u_s.t(), None, like)
             core = _set(_CONV[dims](rs, rt, kernel, bias=False, **cargs), dec.core, None, like)
-            last = _set(_pointwise(dims, rt, t_out, b is not None), dec.u_t, b, like)
-            return TuckerBlock(first, core, last, kind=kind, ranks=ranks), relative_error(w, dec.reconstruct())
+            last = _set(_pointwise(dims, rt, t_out, b2 is not None), dec.u_t, b2, like)
+            return TuckerBlock(first, core, last, kind=kind, ranks=ranks), relative_error(w, approx)
         if kind == "tucker1":
             (r,) = ranks
             dec1 = data_aware_tucker1(w, r, out_cov=out_cov) if out_cov is not None else tucker1(w, r)
+            approx = dec1.reconstruct()
+            b2 = _corrected_bias(w, approx, b, in_mean)
             core = _set(_CONV[dims](s_in, r, kernel, bias=False, **cargs), dec1.core, None, like)
-            last = _set(_pointwise(dims, r, t_out, b is not None), dec1.u_t, b, like)
-            return TuckerBlock(None, core, last, kind=kind, ranks=ranks), relative_error(w, dec1.reconstruct())
+            last = _set(_pointwise(dims, r, t_out, b2 is not None), dec1.u_t, b2, like)
+            return TuckerBlock(None, core, last, kind=kind, ranks=ranks), relative_error(w, approx)
         raise ValueError(f"kind {kind!r} is not defined for a conv; expected 'tucker2' or 'tucker1'")
     if op != "linear":
         raise ValueError(f"op must be 'conv' or 'linear', got {op!r}")
     if kind in ("svd", "tucker1"):
         (r,) = ranks
         a, c = data_aware_svd(w, r, in_cov=in_cov) if in_cov is not None else truncated_svd(w, r)
+        b2 = _corrected_bias(w, c @ a, b, in_mean)
         first = _set(nn.Linear(w.shape[1], r, bias=False), a, None, like)
-        last = _set(nn.Linear(r, t_out, bias=b is not None), c, b, like)
+        last = _set(nn.Linear(r, t_out, bias=b2 is not None), c, b2, like)
         # TuckerBlock wants a core; for a plain SVD the first factor is it
         return TuckerBlock(None, first, last, kind="svd", ranks=ranks), relative_error(w, c @ a)
     if kind != "tucker2":
@@ -155,7 +175,9 @@ def build_block(
         return block, relative_error(w4, dec.reconstruct())
     dec = (data_aware_tucker2(w, (rs, rt), in_cov=in_cov, out_cov=out_cov, n_iter=hooi_iters) if aware
            else tucker2(w, (rs, rt), n_iter=hooi_iters, solver=solver))
+    approx = dec.reconstruct()
+    b2 = _corrected_bias(w, approx, b, in_mean)
     first = _set(nn.Linear(w.shape[1], rs, bias=False), dec.u_s.t(), None, like)
     core = _set(nn.Linear(rs, rt, bias=False), dec.core, None, like)
-    last = _set(nn.Linear(rt, t_out, bias=b is not None), dec.u_t, b, like)
-    return TuckerBlock(first, core, last, kind=kind, ranks=ranks), relative_error(w, dec.reconstruct())
+    last = _set(nn.Linear(rt, t_out, bias=b2 is not None), dec.u_t, b2, like)
+    return TuckerBlock(first, core, last, kind=kind, ranks=ranks), relative_error(w, approx)

@@ -174,14 +174,22 @@ class TuckerRewrite:
             self._splice(gm, node, entry, name, block, nodes)
 
     def _covariances(self, site: Site, entry: LayerPlan) -> dict[str, Any]:
-        """The layer's calibration statistics, when the factors are to be data-aware."""
-        stats = site.node.meta.get(STATS_KEY)
-        if not self.data_aware or stats is None or entry.as_conv:
+        """The layer's calibration statistics, when its plan entry asks for data-aware factors."""
+        if entry.factors != "data" or entry.as_conv:
             return {}
-        entry.notes.append(f"data-aware factors ({stats.batches} calibration batches, {stats.positions:,} positions)")
+        stats = site.node.meta.get(STATS_KEY)
+        if stats is None:
+            entry.notes.append("factors='data' but no calibration statistics (pass calibration=): weight-only factors")
+            entry.factors = "weights"
+            return {}
+        in_cov, out_cov = stats.centred()  # the mean's share of the error goes into the bias
+        mean = stats.in_mean
         if site.op == "linear":
-            return {"in_cov": stats.in_cov, "out_cov": stats.out_cov if entry.kind == "tucker2" else None}
-        return {"in_cov": stats.in_cov if entry.kind == "tucker2" else None, "out_cov": stats.out_cov}
+            return {"in_cov": in_cov, "out_cov": out_cov if entry.kind == "tucker2" else None, "in_mean": mean}
+        # a conv's input factor stays weight-only: its channel covariance ignores the correlation across the
+        # kernel's positions (whitening by it made the trained THETIS net's C2 worse); the output factor is the
+        # response PCA
+        return {"out_cov": out_cov, "in_mean": mean}
 
     @staticmethod
     def _splice(gm: fx.GraphModule, node: fx.Node, entry: LayerPlan, name: str, block: TuckerBlock,

@@ -23,10 +23,11 @@ from typing import Any, Iterator, Optional, Union
 
 from tucker_fx.planning.schema import SchemaError, check_types
 
-__all__ = ["LayerPlan", "Plan", "PLAN_VERSION", "KINDS", "CAPTURES", "check_plan_data"]
+__all__ = ["LayerPlan", "Plan", "PLAN_VERSION", "KINDS", "FACTORS", "CAPTURES", "check_plan_data"]
 
 PLAN_VERSION = 1
 KINDS = ("tucker2", "tucker1", "svd", "none")
+FACTORS = ("weights", "data")
 CAPTURES = ("symbolic_trace", "export", "graph_module", "exported_program")
 
 
@@ -37,6 +38,8 @@ class LayerPlan:
     ``kind`` is ``tucker2`` (``ranks = (R_s, R_t)``), ``tucker1`` (conv, ``ranks = (R,)``),
     ``svd`` (linear, ``ranks = (R,)``) or ``none`` (left alone; ``reason`` says why).
     Costs are per call of the layer at the example input's shape; params include the bias.
+    ``factors`` is ``"weights"`` (fitted to the kernel) or ``"data"`` (fitted to the layer's responses on
+    calibration data: ``TuckerConfig(data_aware=True)`` sets it per layer where it measured better).
     With a ``target_*`` the budgeted search fills ``predicted_loss`` (the network's relative output
     error on calibration data with only this layer compressed), ``budget_cost`` (the layer's cost in
     the target's unit: ms, MACs or params, as predicted when allocating) and, for a speed target,
@@ -64,6 +67,7 @@ class LayerPlan:
     lowering: Optional[str] = None
     lowering_source: Optional[str] = None
     timings_ms: dict[str, float] = field(default_factory=dict)
+    factors: str = "weights"
     predicted_loss: Optional[float] = None
     budget_cost: Optional[float] = None
     measured_cost: Optional[float] = None
@@ -117,6 +121,8 @@ def _check_entry(data: Any, index: Optional[int], hints: dict[str, Any]) -> None
             raise SchemaError(f"plan entry {data['name']!r}: {key} must be a list of ints, got {value!r}")
     where = f"plan.layers[{index}] ({data['name']!r})" if index is not None else f"plan entry {data['name']!r}"
     check_types(data, hints, where)
+    if data.get("factors", "weights") not in FACTORS:
+        raise SchemaError(f"{where}: factors must be one of {FACTORS}, got {data['factors']!r}")
 
 
 def check_plan_data(data: Any) -> None:

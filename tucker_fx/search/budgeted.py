@@ -138,47 +138,65 @@ def candidate_ranks(entry: LayerPlan, config: TuckerConfig) -> list[tuple[int, .
 
 
 def _approx_weight(weight: torch.Tensor, entry: LayerPlan, kind: str, ranks: tuple[int, ...],
-                   stats: Any, config: TuckerConfig) -> torch.Tensor:
-    """The dense kernel the rewrite's block computes for ``entry`` at ``ranks`` (float64 math)."""
+                   stats: Any, config: TuckerConfig) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The dense kernel the rewrite's block computes for ``entry`` at ``ranks`` (float64 math), and the
+    change of its bias (data-aware: the error on the mean input goes into the bias)."""
     w = weight.detach()
     aware = config.data_aware and stats is not None and not entry.as_conv
     if entry.as_conv:
         assert entry.feature_shape is not None
         w4 = w.reshape(w.shape[0], *entry.feature_shape)
-        return tucker2(w4, (ranks[0], ranks[1]), n_iter=config.hooi_iters).reconstruct().reshape(w.shape)
+        return tucker2(w4, (ranks[0], ranks[1]), n_iter=config.hooi_iters).reconstruct().reshape(w.shape), None
+    in_cov, out_cov = stats.centred() if aware else (None, None)
     if kind == "tucker2":
         if aware:
-            dec = data_aware_tucker2(w, (ranks[0], ranks[1]), in_cov=stats.in_cov, out_cov=stats.out_cov,
-                                     n_iter=config.hooi_iters)
+            dec = data_aware_tucker2(w, (ranks[0], ranks[1]), in_cov=in_cov if entry.op == "linear" else None,
+                                     out_cov=out_cov, n_iter=config.hooi_iters)  # as the rewrite does
         else:
             dec = tucker2(w, (ranks[0], ranks[1]), n_iter=config.hooi_iters, solver=config.tucker_solver)
-        return dec.reconstruct()
-    if kind == "tucker1":
-        return (data_aware_tucker1(w, ranks[0], out_cov=stats.out_cov) if aware else tucker1(w, ranks[0])).reconstruct()
-    a, c = data_aware_svd(w, ranks[0], in_cov=stats.in_cov) if aware else truncated_svd(w, ranks[0])
-    return c @ a
+        approx = dec.reconstruct()
+    elif kind == "tucker1":
+        approx = (data_aware_tucker1(w, ranks[0], out_cov=out_cov) if aware else tucker1(w, ranks[0])).reconstruct()
+    else:
+        a, c = data_aware_svd(w, ranks[0], in_cov=in_cov) if aware else truncated_svd(w, ranks[0])
+        approx = c @ a
+    if not aware or stats.in_mean is None:
+        return approx, None
+    diff = (w.double() - approx.double()).reshape(w.shape[0], w.shape[1], -1).sum(-1)
+    return approx, (diff @ stats.in_mean.double()).to(w.dtype)
 
 
 class _Swapped(fx.Interpreter):
     """Runs ``gm`` with one layer's kernel replaced (``swaps``: node name -> kernel)."""
 
-    def __init__(self, gm: fx.GraphModule, swaps: dict[str, torch.Tensor]) -> None:
+    def __init__(self, gm: fx.GraphModule, swaps: dict[str, tuple[torch.Tensor, Optional[torch.Tensor]]]) -> None:
         super().__init__(gm, garbage_collect_values=True)
         self.swaps = swaps
 
     def run_node(self, n: fx.Node) -> Any:
-        kernel = self.swaps.get(n.name)
-        if kernel is None:
+        swap = self.swaps.get(n.name)
+        if swap is None:
             return super().run_node(n)
+        kernel, bias_change = swap
         site: Site = n.meta[SITE_KEY]
         args, kwargs = self.fetch_args_kwargs_from_env(n)
         if n.op == "call_module":
             module = self.module.get_submodule(str(n.target))
-            return torch.func.functional_call(module, {"weight": kernel}, args, kwargs)
-        original = self.env.get(site.weight_node) if site.weight_node is not None else None
-        args = tuple(kernel if a is original else a for a in args)
-        kwargs = {k: kernel if v is original else v for k, v in kwargs.items()}
-        return n.target(*args, **kwargs)  # type: ignore[operator]
+            out = torch.func.functional_call(module, {"weight": kernel}, args, kwargs)
+        else:
+            original = self.env.get(site.weight_node) if site.weight_node is not None else None
+            args = tuple(kernel if a is original else a for a in args)
+            kwargs = {k: kernel if v is original else v for k, v in kwargs.items()}
+            out = n.target(*args, **kwargs)  # type: ignore[operator]
+        if bias_change is not None:
+            if site.op == "linear":
+                out = out + bias_change
+            else:
+                dim = 1 if out.dim() == site.spatial_dims + 2 else 0
+                shape = [1] * out.dim()
+                shape[dim] = -1
+                out = out + bias_change.reshape(shape)
+        return out
 
 
 def _outputs(value: Any) -> list[torch.Tensor]:
@@ -186,7 +204,7 @@ def _outputs(value: Any) -> list[torch.Tensor]:
 
 
 def _loss(gm: fx.GraphModule, batches: list[tuple], references: list[list[torch.Tensor]],
-          swaps: dict[str, torch.Tensor]) -> float:
+          swaps: dict[str, tuple[torch.Tensor, Optional[torch.Tensor]]]) -> float:
     num = den = 0.0
     with torch.no_grad():
         for batch, ref in zip(batches, references):
@@ -315,8 +333,8 @@ def budgeted_plan(gm: fx.GraphModule, plan: Plan, config: TuckerConfig, example_
         cost_of[entry.name] = costs
         opts = [Option(entry.name, None, costs[None], 0.0, "original")]
         for ranks, _, _ in ranks_list:
-            kernel = _approx_weight(weight, entry, kind, ranks, stats, config).to(weight.dtype)
-            swaps = {n.name: kernel for n in gm.graph.nodes
+            kernel, bias_change = _approx_weight(weight, entry, kind, ranks, stats, config)
+            swaps = {n.name: (kernel.to(weight.dtype), bias_change) for n in gm.graph.nodes
                      if SITE_KEY in n.meta and n.meta[SITE_KEY].display_name == entry.name}
             opts.append(Option(entry.name, ranks, costs[ranks], _loss(gm, batches, references, swaps), kind))
         options[entry.name] = opts
