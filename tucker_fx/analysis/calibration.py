@@ -1,8 +1,8 @@
 """Calibration statistics: what each conv/linear layer sees on the user's data.
 
 ``collect_stats`` runs an analysed graph over calibration batches and, at every conv/linear site,
-accumulates two channel second moments without keeping any activation: ``E[x x^T]`` of the
-layer's input channels and ``E[y y^T]`` of its pre-bias output channels (``y = W * x``). They are
+accumulates channel means and second moments without keeping any activation: ``E[x]``, ``E[x x^T]``
+of the layer's input channels and ``E[y]``, ``E[y y^T]`` of its pre-bias output channels (``y = W * x``). They are
 stored as :class:`LayerStats` on the site nodes (``node.meta[STATS_KEY]``), where the rewrite reads
 them to compute data-aware factors (:mod:`tucker_fx.decomposition.data_aware`) and the budgeted
 search reads them to predict each layer's loss.

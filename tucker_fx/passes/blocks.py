@@ -34,7 +34,7 @@ from tucker_fx.decomposition import (
     tucker2,
 )
 
-__all__ = ["TuckerBlock", "build_block"]
+__all__ = ["TuckerBlock", "build_block", "corrected_bias", "data_aware_inputs"]
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
@@ -79,7 +79,19 @@ def _set(module: nn.Module, weight: torch.Tensor, bias: Optional[torch.Tensor], 
     return module
 
 
-def _corrected_bias(w: torch.Tensor, approx: torch.Tensor, b: Optional[torch.Tensor],
+def data_aware_inputs(op: str, kind: str, stats: Any) -> dict[str, Any]:
+    """The keyword arguments of :func:`build_block` for data-aware factors from a layer's calibration
+    statistics (:class:`~tucker_fx.analysis.calibration.LayerStats`): centred covariances (the mean's share
+    of the error goes into the bias) and the input mean. A conv's input factor stays weight-only: its
+    channel covariance ignores the correlation across the kernel's positions, and whitening by it made
+    the trained THETIS net's C2 worse; its output factor is the response PCA."""
+    in_cov, out_cov = stats.centred()
+    if op == "linear":
+        return {"in_cov": in_cov, "out_cov": out_cov if kind == "tucker2" else None, "in_mean": stats.in_mean}
+    return {"out_cov": out_cov, "in_mean": stats.in_mean}
+
+
+def corrected_bias(w: torch.Tensor, approx: torch.Tensor, b: Optional[torch.Tensor],
                     in_mean: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """``b`` plus the approximation's error on the mean input (``None`` in, ``None`` out without a mean)."""
     if in_mean is None:
@@ -137,7 +149,7 @@ def build_block(
             dec = (data_aware_tucker2(w, (rs, rt), in_cov=in_cov, out_cov=out_cov, n_iter=hooi_iters) if aware
                    else tucker2(w, (rs, rt), n_iter=hooi_iters, solver=solver))
             approx = dec.reconstruct()
-            b2 = _corrected_bias(w, approx, b, in_mean)
+            b2 = corrected_bias(w, approx, b, in_mean)
             first = _set(_pointwise(dims, s_in, rs, False), dec.u_s.t(), None, like)
             core = _set(_CONV[dims](rs, rt, kernel, bias=False, **cargs), dec.core, None, like)
             last = _set(_pointwise(dims, rt, t_out, b2 is not None), dec.u_t, b2, like)
@@ -146,7 +158,7 @@ def build_block(
             (r,) = ranks
             dec1 = data_aware_tucker1(w, r, out_cov=out_cov) if out_cov is not None else tucker1(w, r)
             approx = dec1.reconstruct()
-            b2 = _corrected_bias(w, approx, b, in_mean)
+            b2 = corrected_bias(w, approx, b, in_mean)
             core = _set(_CONV[dims](s_in, r, kernel, bias=False, **cargs), dec1.core, None, like)
             last = _set(_pointwise(dims, r, t_out, b2 is not None), dec1.u_t, b2, like)
             return TuckerBlock(None, core, last, kind=kind, ranks=ranks), relative_error(w, approx)
@@ -156,7 +168,7 @@ def build_block(
     if kind in ("svd", "tucker1"):
         (r,) = ranks
         a, c = data_aware_svd(w, r, in_cov=in_cov) if in_cov is not None else truncated_svd(w, r)
-        b2 = _corrected_bias(w, c @ a, b, in_mean)
+        b2 = corrected_bias(w, c @ a, b, in_mean)
         first = _set(nn.Linear(w.shape[1], r, bias=False), a, None, like)
         last = _set(nn.Linear(r, t_out, bias=b2 is not None), c, b2, like)
         # TuckerBlock wants a core; for a plain SVD the first factor is it
@@ -176,7 +188,7 @@ def build_block(
     dec = (data_aware_tucker2(w, (rs, rt), in_cov=in_cov, out_cov=out_cov, n_iter=hooi_iters) if aware
            else tucker2(w, (rs, rt), n_iter=hooi_iters, solver=solver))
     approx = dec.reconstruct()
-    b2 = _corrected_bias(w, approx, b, in_mean)
+    b2 = corrected_bias(w, approx, b, in_mean)
     first = _set(nn.Linear(w.shape[1], rs, bias=False), dec.u_s.t(), None, like)
     core = _set(nn.Linear(rs, rt, bias=False), dec.core, None, like)
     last = _set(nn.Linear(rt, t_out, bias=b2 is not None), dec.u_t, b2, like)

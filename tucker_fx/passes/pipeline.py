@@ -94,8 +94,7 @@ def _fold_bn(ctx: StageContext) -> Optional[FoldBatchNorm]:
 
 def _rewrite(ctx: StageContext) -> TuckerRewrite:
     c = ctx.config
-    return TuckerRewrite(ctx.meta(PLAN_KEY), hooi_iters=c.hooi_iters, solver=c.tucker_solver, progress=ctx.progress,
-                         data_aware=c.data_aware)
+    return TuckerRewrite(ctx.meta(PLAN_KEY), hooi_iters=c.hooi_iters, solver=c.tucker_solver, progress=ctx.progress)
 
 
 def _lower_blocks(ctx: StageContext) -> Optional[LowerBlocks]:

@@ -25,7 +25,7 @@ from tucker_fx._internal.meta import ORIGIN_KEY, ORIGINALS_KEY, SITE_KEY, STATS_
 from tucker_fx._internal.progress import Progress
 from tucker_fx.analysis.sites import Site
 from tucker_fx.errors import DecompositionError
-from tucker_fx.passes.blocks import TuckerBlock, build_block
+from tucker_fx.passes.blocks import TuckerBlock, build_block, data_aware_inputs
 from tucker_fx.passes.runner import PassResult
 from tucker_fx.planning.plan import LayerPlan, Plan
 
@@ -93,7 +93,6 @@ class TuckerRewrite:
     hooi_iters: int = 2
     solver: str = "gram"
     progress: Optional[Progress] = None
-    data_aware: bool = False
     name: str = "tucker_rewrite"
     blocks: dict[str, TuckerBlock] = field(default_factory=dict)
     originals: dict[str, nn.Module] = field(default_factory=dict)
@@ -182,14 +181,7 @@ class TuckerRewrite:
             entry.notes.append("factors='data' but no calibration statistics (pass calibration=): weight-only factors")
             entry.factors = "weights"
             return {}
-        in_cov, out_cov = stats.centred()  # the mean's share of the error goes into the bias
-        mean = stats.in_mean
-        if site.op == "linear":
-            return {"in_cov": in_cov, "out_cov": out_cov if entry.kind == "tucker2" else None, "in_mean": mean}
-        # a conv's input factor stays weight-only: its channel covariance ignores the correlation across the
-        # kernel's positions (whitening by it made the trained THETIS net's C2 worse); the output factor is the
-        # response PCA
-        return {"out_cov": out_cov, "in_mean": mean}
+        return data_aware_inputs(site.op, entry.kind, stats)
 
     @staticmethod
     def _splice(gm: fx.GraphModule, node: fx.Node, entry: LayerPlan, name: str, block: TuckerBlock,

@@ -58,16 +58,8 @@ from tucker_fx._internal.timing import compare_samples
 from tucker_fx.analysis.shapes import propagate_shapes
 from tucker_fx.analysis.sites import Site
 from tucker_fx.config import TuckerConfig
-from tucker_fx.decomposition import (
-    data_aware_svd,
-    data_aware_tucker1,
-    data_aware_tucker2,
-    truncated_svd,
-    tucker1,
-    tucker2,
-)
 from tucker_fx.errors import TargetNotMetWarning
-from tucker_fx.passes.blocks import build_block
+from tucker_fx.passes.blocks import build_block, data_aware_inputs
 from tucker_fx.passes.fast_kernels import UseFastKernels
 from tucker_fx.passes.tucker_rewrite import original_module
 from tucker_fx.planning.budget import Allocation, Option, allocate, budget_for
@@ -75,7 +67,7 @@ from tucker_fx.planning.plan import LayerPlan, Plan
 from tucker_fx.planning.planner import option_cost, option_kind
 
 __all__ = ["FRACTIONS", "SEARCH_BATCHES", "MAX_ROUNDS", "SearchReport", "budgeted_plan", "candidate_ranks",
-           "measure_layer_times"]
+           "measure_layer_times", "option_block"]
 
 FRACTIONS = (1 / 16, 1 / 8, 3 / 16, 1 / 4, 3 / 8, 1 / 2, 3 / 4)
 """The rank fractions tried per layer."""
@@ -137,39 +129,29 @@ def candidate_ranks(entry: LayerPlan, config: TuckerConfig) -> list[tuple[int, .
     return out
 
 
-def _approx_weight(weight: torch.Tensor, entry: LayerPlan, kind: str, ranks: tuple[int, ...],
-                   stats: Any, config: TuckerConfig) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """The dense kernel the rewrite's block computes for ``entry`` at ``ranks`` (float64 math), and the
-    change of its bias (data-aware: the error on the mean input goes into the bias)."""
-    w = weight.detach()
-    aware = config.data_aware and stats is not None and not entry.as_conv
-    if entry.as_conv:
-        assert entry.feature_shape is not None
-        w4 = w.reshape(w.shape[0], *entry.feature_shape)
-        return tucker2(w4, (ranks[0], ranks[1]), n_iter=config.hooi_iters).reconstruct().reshape(w.shape), None
-    in_cov, out_cov = stats.centred() if aware else (None, None)
-    if kind == "tucker2":
-        if aware:
-            dec = data_aware_tucker2(w, (ranks[0], ranks[1]), in_cov=in_cov if entry.op == "linear" else None,
-                                     out_cov=out_cov, n_iter=config.hooi_iters)  # as the rewrite does
-        else:
-            dec = tucker2(w, (ranks[0], ranks[1]), n_iter=config.hooi_iters, solver=config.tucker_solver)
-        approx = dec.reconstruct()
-    elif kind == "tucker1":
-        approx = (data_aware_tucker1(w, ranks[0], out_cov=out_cov) if aware else tucker1(w, ranks[0])).reconstruct()
-    else:
-        a, c = data_aware_svd(w, ranks[0], in_cov=in_cov) if aware else truncated_svd(w, ranks[0])
-        approx = c @ a
-    if not aware or stats.in_mean is None:
-        return approx, None
-    diff = (w.double() - approx.double()).reshape(w.shape[0], w.shape[1], -1).sum(-1)
-    return approx, (diff @ stats.in_mean.double()).to(w.dtype)
+def _conv_args(site: Site) -> Optional[dict[str, Any]]:
+    return (dict(stride=site.stride, padding=site.padding, dilation=site.dilation, padding_mode=site.padding_mode)
+            if site.op == "conv" else None)
+
+
+def option_block(gm: fx.GraphModule, entry: LayerPlan, ranks: tuple[int, ...], stats: Any, *,
+                 data_aware: bool, hooi_iters: int = 2, solver: str = "gram") -> nn.Module:
+    """The block the rewrite would build for ``entry`` at ``ranks`` (data-aware when ``data_aware`` and the
+    layer has statistics), from the same :func:`~tucker_fx.passes.blocks.build_block`."""
+    node = next(n for n in gm.graph.nodes if n.name == entry.node)
+    site: Site = node.meta[SITE_KEY]
+    kind = option_kind(entry) or entry.kind
+    covs = data_aware_inputs(site.op, kind, stats) if data_aware and stats is not None and not entry.as_conv else {}
+    block, _ = build_block(site.weight(gm), site.bias(gm), kind=kind, ranks=ranks, op=site.op,
+                           conv_args=_conv_args(site), feature_shape=entry.feature_shape if entry.as_conv else None,
+                           hooi_iters=hooi_iters, solver=solver, **covs)
+    return block
 
 
 class _Swapped(fx.Interpreter):
-    """Runs ``gm`` with one layer's kernel replaced (``swaps``: node name -> kernel)."""
+    """Runs ``gm`` with one layer's calls replaced by a block (``swaps``: node name -> block)."""
 
-    def __init__(self, gm: fx.GraphModule, swaps: dict[str, tuple[torch.Tensor, Optional[torch.Tensor]]]) -> None:
+    def __init__(self, gm: fx.GraphModule, swaps: dict[str, tuple[nn.Module, Optional[tuple[int, ...]]]]) -> None:
         super().__init__(gm, garbage_collect_values=True)
         self.swaps = swaps
 
@@ -177,26 +159,18 @@ class _Swapped(fx.Interpreter):
         swap = self.swaps.get(n.name)
         if swap is None:
             return super().run_node(n)
-        kernel, bias_change = swap
-        site: Site = n.meta[SITE_KEY]
-        args, kwargs = self.fetch_args_kwargs_from_env(n)
-        if n.op == "call_module":
-            module = self.module.get_submodule(str(n.target))
-            out = torch.func.functional_call(module, {"weight": kernel}, args, kwargs)
-        else:
-            original = self.env.get(site.weight_node) if site.weight_node is not None else None
-            args = tuple(kernel if a is original else a for a in args)
-            kwargs = {k: kernel if v is original else v for k, v in kwargs.items()}
-            out = n.target(*args, **kwargs)  # type: ignore[operator]
-        if bias_change is not None:
-            if site.op == "linear":
-                out = out + bias_change
-            else:
-                dim = 1 if out.dim() == site.spatial_dims + 2 else 0
-                shape = [1] * out.dim()
-                shape[dim] = -1
-                out = out + bias_change.reshape(shape)
-        return out
+        block, feature_shape = swap
+        x = self.env[n.args[0]]  # type: ignore[index]
+        if feature_shape is not None:  # a Linear "as a conv": the block takes the feature map it flattens
+            x = x.reshape(x.shape[0], *feature_shape)
+        return block(x)
+
+
+def _swaps(gm: fx.GraphModule, entry: LayerPlan, block: nn.Module) -> dict[str, tuple[nn.Module, Optional[tuple[int, ...]]]]:
+    """Every call of ``entry``'s layer (a shared module is called several times) -> ``block``."""
+    shape = tuple(entry.feature_shape) if entry.as_conv and entry.feature_shape else None
+    return {n.name: (block, shape) for n in gm.graph.nodes
+            if SITE_KEY in n.meta and n.meta[SITE_KEY].display_name == entry.name}
 
 
 def _outputs(value: Any) -> list[torch.Tensor]:
@@ -204,7 +178,7 @@ def _outputs(value: Any) -> list[torch.Tensor]:
 
 
 def _loss(gm: fx.GraphModule, batches: list[tuple], references: list[list[torch.Tensor]],
-          swaps: dict[str, tuple[torch.Tensor, Optional[torch.Tensor]]]) -> float:
+          swaps: dict[str, tuple[nn.Module, Optional[tuple[int, ...]]]]) -> float:
     num = den = 0.0
     with torch.no_grad():
         for batch, ref in zip(batches, references):
@@ -247,13 +221,8 @@ def measure_layer_times(gm: fx.GraphModule, entry: LayerPlan, config: TuckerConf
         original = nn.Sequential(nn.Flatten(1), original)
     fns: dict[Optional[tuple[int, ...]], Callable[[], Any]] = {}
     mods = {None: _fast(nn.Sequential(original), x)}  # traced as a module call, so the pass sees the conv
-    kind = option_kind(entry)
     for ranks in ranks_list:
-        block, _ = build_block(site.weight(gm), site.bias(gm), kind=kind or "tucker2", ranks=ranks, op=site.op,
-                               conv_args=dict(stride=site.stride, padding=site.padding, dilation=site.dilation,
-                                              padding_mode=site.padding_mode) if site.op == "conv" else None,
-                               feature_shape=entry.feature_shape if entry.as_conv else None, hooi_iters=0)
-        mods[ranks] = _fast(block, x)
+        mods[ranks] = _fast(option_block(gm, entry, ranks, None, data_aware=False, hooi_iters=0), x)
     for key, mod in mods.items():
         fns[key] = (lambda m: (lambda: m(x)))(mod)
     samples = compare_samples({str(k): f for k, f in fns.items()}, repeats=TIMING_REPEATS)
@@ -311,8 +280,6 @@ def budgeted_plan(gm: fx.GraphModule, plan: Plan, config: TuckerConfig, example_
         if progress is not None:
             progress.step(i + 1, len(layers), f"budget: scoring {entry.name}")
         node = nodes[entry.node]
-        site: Site = node.meta[SITE_KEY]
-        weight = site.weight(gm)
         stats = node.meta.get(STATS_KEY)
         kind = option_kind(entry)
         assert kind is not None
@@ -333,9 +300,9 @@ def budgeted_plan(gm: fx.GraphModule, plan: Plan, config: TuckerConfig, example_
         cost_of[entry.name] = costs
         opts = [Option(entry.name, None, costs[None], 0.0, "original")]
         for ranks, _, _ in ranks_list:
-            kernel, bias_change = _approx_weight(weight, entry, kind, ranks, stats, config)
-            swaps = {n.name: (kernel.to(weight.dtype), bias_change) for n in gm.graph.nodes
-                     if SITE_KEY in n.meta and n.meta[SITE_KEY].display_name == entry.name}
+            block = option_block(gm, entry, ranks, stats, data_aware=config.data_aware, hooi_iters=config.hooi_iters,
+                                 solver=config.tucker_solver)
+            swaps = _swaps(gm, entry, block)
             opts.append(Option(entry.name, ranks, costs[ranks], _loss(gm, batches, references, swaps), kind))
         options[entry.name] = opts
     if not options:

@@ -25,12 +25,11 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from tucker_fx._internal.meta import SITE_KEY, STATS_KEY
+from tucker_fx._internal.meta import STATS_KEY
 from tucker_fx._internal.progress import Progress
 from tucker_fx.config import TuckerConfig
 from tucker_fx.planning.plan import Plan
-from tucker_fx.planning.planner import option_kind
-from tucker_fx.search.budgeted import _approx_weight, _loss, _outputs
+from tucker_fx.search.budgeted import _loss, _outputs, _swaps, option_block
 
 __all__ = ["choose_factors"]
 
@@ -45,8 +44,6 @@ def choose_factors(gm: fx.GraphModule, plan: Plan, config: TuckerConfig, batches
         references = [_outputs(gm(*b)) for b in batches]
     nodes = {n.name: n for n in gm.graph.nodes}
     applied = [e for e in plan.layers if e.applied and not e.as_conv and e.ranks]
-    weights_only = config.replace(data_aware=False)
-    aware = config.replace(data_aware=True)
     for i, entry in enumerate(applied):
         node = nodes.get(entry.node)
         stats = node.meta.get(STATS_KEY) if node is not None else None
@@ -54,15 +51,12 @@ def choose_factors(gm: fx.GraphModule, plan: Plan, config: TuckerConfig, batches
             continue
         if progress is not None:
             progress.step(i + 1, len(applied), f"factors: weights vs data for {entry.name}")
-        weight = node.meta[SITE_KEY].weight(gm)
-        kind = option_kind(entry) or entry.kind
         ranks = tuple(entry.ranks or ())
         errors = {}
-        for label, cfg in (("weights", weights_only), ("data", aware)):
-            kernel, bias_change = _approx_weight(weight, entry, kind, ranks, stats, cfg)
-            swaps = {n.name: (kernel.to(weight.dtype), bias_change) for n in gm.graph.nodes
-                     if SITE_KEY in n.meta and n.meta[SITE_KEY].display_name == entry.name}
-            errors[label] = _loss(gm, batches, references, swaps)
+        for label, aware in (("weights", False), ("data", True)):
+            block = option_block(gm, entry, ranks, stats, data_aware=aware, hooi_iters=config.hooi_iters,
+                                 solver=config.tucker_solver)
+            errors[label] = _loss(gm, batches, references, _swaps(gm, entry, block))
         # ties (exact at full rank: both ~0) go to the data-aware factors the config asked for
         entry.factors = "data" if errors["data"] <= errors["weights"] + 1e-12 else "weights"
         entry.notes.append(f"factors: {entry.factors} (network output error on calibration data: data-aware "
