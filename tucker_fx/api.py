@@ -36,7 +36,7 @@ from tucker_fx.passes.runner import PipelineRun
 from tucker_fx.planning.plan import KINDS, Plan
 from tucker_fx.planning.planner import build_plan
 from tucker_fx.search.budgeted import SEARCH_BATCHES, budgeted_plan
-from tucker_fx.search.factors import choose_factors
+from tucker_fx.search.factors import fit_sequentially
 from tucker_fx.validation import ValidationReport, check_runnable_inputs, validate
 
 __all__ = ["CompressionResult", "compress", "apply_plan", "lower", "model_signature", "PLAN_META_KEY",
@@ -467,8 +467,11 @@ def compress(model: nn.Module, *example_inputs: Any, config: Optional[TuckerConf
     gm, before, captured = _analysed_copy(model, example_inputs, path, config.validate, "compress")
     gm, reference = _prepare(gm, example_inputs, config)
     batches: list[tuple] = []
+    calibration_batches: list[tuple] = []
     if calibration is not None:
-        collect_stats(gm, _keep_first(calibration, batches, SEARCH_BATCHES), progress=progress)
+        calibration_batches = list(as_batches(calibration))  # read again, layer by layer, for data-aware factors
+        batches = calibration_batches[:SEARCH_BATCHES]
+        collect_stats(gm, calibration_batches, progress=progress)
     plan = build_plan(gm, config, progress)
     plan.capture = captured.path
     plan.notes[:0] = _graph_notes(gm, captured, config)
@@ -476,7 +479,7 @@ def compress(model: nn.Module, *example_inputs: Any, config: Optional[TuckerConf
     if config.target is not None:
         plan, search = _budget(model, gm, plan, before, example_inputs, config, batches, progress)
     if config.data_aware:
-        choose_factors(gm, plan, config, batches, progress)
+        fit_sequentially(gm, plan, config, calibration_batches, batches, progress=progress)
     result = _finish(model, gm, reference, plan, before, example_inputs, config, progress)
     result.source = model_signature(model, example_inputs)
     result.search = search
@@ -498,14 +501,6 @@ def _check_data_args(config: TuckerConfig, calibration: Any, evaluate: Any, verb
     if calibration is not None and isinstance(calibration, torch.Tensor):
         raise TypeError(f"{verb}: calibration: expected an iterable of model inputs (a list of batches, a "
                         "generator), got one tensor; wrap it: calibration=[x]")
-
-
-def _keep_first(calibration: Iterable[Any], kept: list[tuple], n: int) -> Iterable[tuple]:
-    """The calibration batches, keeping the first ``n`` in ``kept`` (the search scores options on them)."""
-    for batch in as_batches(calibration):
-        if len(kept) < n:
-            kept.append(batch)
-        yield batch
 
 
 def _time_pair(model: nn.Module, inputs: tuple, other: Optional[Callable[..., Any]] = None,
@@ -638,8 +633,9 @@ def apply_plan(model: nn.Module, plan: Plan, *example_inputs: Any,
     progress = Progress(config.progress)
     gm, before, captured = _analysed_copy(model, example_inputs, path, config.validate, "apply_plan")
     gm, reference = _prepare(gm, example_inputs, config)
+    calibration_batches = list(as_batches(calibration)) if calibration is not None else []
     if calibration is not None:
-        collect_stats(gm, calibration, progress=progress)
+        collect_stats(gm, calibration_batches, progress=progress)
     from tucker_fx.planning.planner import candidate_sites, check_plan_entry
 
     sites = {s.display_name: s for s in candidate_sites(gm)}
@@ -682,6 +678,8 @@ def apply_plan(model: nn.Module, plan: Plan, *example_inputs: Any,
                 new.rank_source = "budget"
     replanned.capture = captured.path
     replanned.notes[:0] = _graph_notes(gm, captured, config)
+    if config.data_aware:
+        fit_sequentially(gm, replanned, config, calibration_batches, [], choose=False, progress=progress)
     result = _finish(model, gm, reference, replanned, before, example_inputs, config, progress)
     result.source = model_signature(model, example_inputs)
     result.keep_plan()

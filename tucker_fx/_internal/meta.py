@@ -17,7 +17,8 @@ read them (as FX's ShapeProp writes ``tensor_meta``). Use the constants, never t
 - ``tucker_fx.lowering`` (gm.meta): the lowering chosen per layer by ``lower``.
 - ``tucker_fx.stats`` (node.meta): the :class:`~tucker_fx.analysis.calibration.LayerStats` of a
   conv/linear node (channel second moments of its input and pre-bias output on calibration
-  data); written by ``collect_stats``, read by the rewrite when ``TuckerConfig(data_aware=True)``.
+  data); written by ``collect_stats`` (again layer by layer, on the partly compressed network, by
+  ``fit_sequentially``), read by the rewrite when ``TuckerConfig(data_aware=True)``.
 - ``tucker_fx.originals`` (gm.meta, only while the pipeline runs): ``dict[str, nn.Module]``, the
   layer each Tucker block replaced, by plan name; written by the rewrite, read by block lowering
   (the ``original`` candidate), dropped by the pipeline runner when the pipeline ends.

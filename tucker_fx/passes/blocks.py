@@ -84,20 +84,38 @@ def data_aware_inputs(op: str, kind: str, stats: Any) -> dict[str, Any]:
     statistics (:class:`~tucker_fx.analysis.calibration.LayerStats`): centred covariances (the mean's share
     of the error goes into the bias) and the input mean. A conv's input factor stays weight-only: its
     channel covariance ignores the correlation across the kernel's positions, and whitening by it made
-    the trained THETIS net's C2 worse; its output factor is the response PCA."""
+    the trained THETIS net's C2 worse; its output factor is the response PCA. Statistics collected on a
+    partly compressed network carry the uncompressed input mean (``reference_in_mean``): the bias then
+    also absorbs the mean drift of the layers before."""
     in_cov, out_cov = stats.centred()
+    means = {"in_mean": stats.in_mean, "reference_in_mean": getattr(stats, "reference_in_mean", None)}
     if op == "linear":
-        return {"in_cov": in_cov, "out_cov": out_cov if kind == "tucker2" else None, "in_mean": stats.in_mean}
-    return {"out_cov": out_cov, "in_mean": stats.in_mean}
+        return {"in_cov": in_cov, "out_cov": out_cov if kind == "tucker2" else None, **means}
+    return {"out_cov": out_cov, **means}
 
 
 def corrected_bias(w: torch.Tensor, approx: torch.Tensor, b: Optional[torch.Tensor],
-                    in_mean: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """``b`` plus the approximation's error on the mean input (``None`` in, ``None`` out without a mean)."""
+                   in_mean: Optional[torch.Tensor],
+                   reference_in_mean: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    """``b`` plus the approximation's error on the mean input (``None`` in, ``None`` out without a mean).
+
+    With ``reference_in_mean`` (the input mean of the uncompressed network, ``in_mean`` that of the
+    compressed one) the new bias makes the block's mean output the original layer's:
+    ``b + W m_ref - W_hat m`` (sums over kernel positions).
+
+    Example:
+        >>> import torch
+        >>> w, m = torch.randn(3, 4), torch.randn(4)
+        >>> b = corrected_bias(w, torch.zeros(3, 4), torch.zeros(3), m)
+        >>> bool(torch.allclose(b, w @ m, atol=1e-6))
+        True
+    """
     if in_mean is None:
         return b
-    diff = (w.double() - approx.to(w.device).double()).reshape(w.shape[0], w.shape[1], -1).sum(-1)
-    delta = diff @ in_mean.to(device=w.device, dtype=torch.float64)
+    sums = lambda t: t.to(w.device).double().reshape(w.shape[0], w.shape[1], -1).sum(-1)
+    mean = in_mean.to(device=w.device, dtype=torch.float64)
+    reference = mean if reference_in_mean is None else reference_in_mean.to(device=w.device, dtype=torch.float64)
+    delta = sums(w) @ reference - sums(approx) @ mean
     out = delta if b is None else b.double() + delta
     return out.to(w.dtype)
 
@@ -120,6 +138,7 @@ def build_block(
     in_cov: Optional[torch.Tensor] = None,
     out_cov: Optional[torch.Tensor] = None,
     in_mean: Optional[torch.Tensor] = None,
+    reference_in_mean: Optional[torch.Tensor] = None,
 ) -> tuple[TuckerBlock, float]:
     """Decompose ``weight`` and build the block; returns it and the weight's relative error.
 
@@ -132,7 +151,9 @@ def build_block(
     stays weight-only (its input statistics are over the flattened features, not the channels).
     With ``in_mean`` (the input's channel mean; the covariances then centred), the approximation's error
     on the mean input goes into the bias: ``b + sum_k (W - W_hat)[:, :, k] @ mean`` (exact for a
-    Linear and away from a conv's zero-padded border), so the factors only need to fit the variation.
+    Linear and away from a conv's zero-padded border), so the factors only need to fit the variation;
+    ``reference_in_mean`` (the uncompressed network's input mean) also takes in the drift of the layers
+    before (see :func:`corrected_bias`).
     """
     aware = in_cov is not None or out_cov is not None
     w = weight.detach()
@@ -149,7 +170,7 @@ def build_block(
             dec = (data_aware_tucker2(w, (rs, rt), in_cov=in_cov, out_cov=out_cov, n_iter=hooi_iters) if aware
                    else tucker2(w, (rs, rt), n_iter=hooi_iters, solver=solver))
             approx = dec.reconstruct()
-            b2 = corrected_bias(w, approx, b, in_mean)
+            b2 = corrected_bias(w, approx, b, in_mean, reference_in_mean)
             first = _set(_pointwise(dims, s_in, rs, False), dec.u_s.t(), None, like)
             core = _set(_CONV[dims](rs, rt, kernel, bias=False, **cargs), dec.core, None, like)
             last = _set(_pointwise(dims, rt, t_out, b2 is not None), dec.u_t, b2, like)
@@ -158,7 +179,7 @@ def build_block(
             (r,) = ranks
             dec1 = data_aware_tucker1(w, r, out_cov=out_cov) if out_cov is not None else tucker1(w, r)
             approx = dec1.reconstruct()
-            b2 = corrected_bias(w, approx, b, in_mean)
+            b2 = corrected_bias(w, approx, b, in_mean, reference_in_mean)
             core = _set(_CONV[dims](s_in, r, kernel, bias=False, **cargs), dec1.core, None, like)
             last = _set(_pointwise(dims, r, t_out, b2 is not None), dec1.u_t, b2, like)
             return TuckerBlock(None, core, last, kind=kind, ranks=ranks), relative_error(w, approx)
@@ -168,7 +189,7 @@ def build_block(
     if kind in ("svd", "tucker1"):
         (r,) = ranks
         a, c = data_aware_svd(w, r, in_cov=in_cov) if in_cov is not None else truncated_svd(w, r)
-        b2 = corrected_bias(w, c @ a, b, in_mean)
+        b2 = corrected_bias(w, c @ a, b, in_mean, reference_in_mean)
         first = _set(nn.Linear(w.shape[1], r, bias=False), a, None, like)
         last = _set(nn.Linear(r, t_out, bias=b2 is not None), c, b2, like)
         # TuckerBlock wants a core; for a plain SVD the first factor is it
@@ -188,7 +209,7 @@ def build_block(
     dec = (data_aware_tucker2(w, (rs, rt), in_cov=in_cov, out_cov=out_cov, n_iter=hooi_iters) if aware
            else tucker2(w, (rs, rt), n_iter=hooi_iters, solver=solver))
     approx = dec.reconstruct()
-    b2 = corrected_bias(w, approx, b, in_mean)
+    b2 = corrected_bias(w, approx, b, in_mean, reference_in_mean)
     first = _set(nn.Linear(w.shape[1], rs, bias=False), dec.u_s.t(), None, like)
     core = _set(nn.Linear(rs, rt, bias=False), dec.core, None, like)
     last = _set(nn.Linear(rt, t_out, bias=b2 is not None), dec.u_t, b2, like)

@@ -55,6 +55,7 @@ from torch.utils._pytree import tree_flatten
 from tucker_fx._internal.meta import ORIGIN_KEY, SITE_KEY, STATS_KEY
 from tucker_fx._internal.progress import Progress
 from tucker_fx._internal.timing import compare_samples
+from tucker_fx.analysis.calibration import SwappedInterpreter, Swaps
 from tucker_fx.analysis.shapes import propagate_shapes
 from tucker_fx.analysis.sites import Site
 from tucker_fx.config import TuckerConfig
@@ -148,25 +149,7 @@ def option_block(gm: fx.GraphModule, entry: LayerPlan, ranks: tuple[int, ...], s
     return block
 
 
-class _Swapped(fx.Interpreter):
-    """Runs ``gm`` with one layer's calls replaced by a block (``swaps``: node name -> block)."""
-
-    def __init__(self, gm: fx.GraphModule, swaps: dict[str, tuple[nn.Module, Optional[tuple[int, ...]]]]) -> None:
-        super().__init__(gm, garbage_collect_values=True)
-        self.swaps = swaps
-
-    def run_node(self, n: fx.Node) -> Any:
-        swap = self.swaps.get(n.name)
-        if swap is None:
-            return super().run_node(n)
-        block, feature_shape = swap
-        x = self.env[n.args[0]]  # type: ignore[index]
-        if feature_shape is not None:  # a Linear "as a conv": the block takes the feature map it flattens
-            x = x.reshape(x.shape[0], *feature_shape)
-        return block(x)
-
-
-def _swaps(gm: fx.GraphModule, entry: LayerPlan, block: nn.Module) -> dict[str, tuple[nn.Module, Optional[tuple[int, ...]]]]:
+def _swaps(gm: fx.GraphModule, entry: LayerPlan, block: nn.Module) -> dict[str, tuple[Any, Optional[tuple[int, ...]]]]:
     """Every call of ``entry``'s layer (a shared module is called several times) -> ``block``."""
     shape = tuple(entry.feature_shape) if entry.as_conv and entry.feature_shape else None
     return {n.name: (block, shape) for n in gm.graph.nodes
@@ -177,12 +160,11 @@ def _outputs(value: Any) -> list[torch.Tensor]:
     return [t for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
-def _loss(gm: fx.GraphModule, batches: list[tuple], references: list[list[torch.Tensor]],
-          swaps: dict[str, tuple[nn.Module, Optional[tuple[int, ...]]]]) -> float:
+def _loss(gm: fx.GraphModule, batches: list[tuple], references: list[list[torch.Tensor]], swaps: Swaps) -> float:
     num = den = 0.0
     with torch.no_grad():
         for batch, ref in zip(batches, references):
-            out = _outputs(_Swapped(gm, swaps).run(*batch))
+            out = _outputs(SwappedInterpreter(gm, swaps).run(*batch))
             for a, b in zip(out, ref):
                 num += float((a.double() - b.double()).pow(2).sum())
                 den += float(b.double().pow(2).sum())
