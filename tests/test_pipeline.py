@@ -40,9 +40,11 @@ def _analysed(model: nn.Module) -> fx.GraphModule:
 def test_pipelines_are_declared_in_order() -> None:
     assert [s.name for s in COMPRESS] == ["fold_batchnorm", "tucker_rewrite", "lower_blocks",
                                           "pool_before_activation", "lower_max_pools", "merge_linear",
-                                          "drop_noop_pads", "separable_interpolate", "fast_kernels"]
+                                          "drop_noop_pads", "separable_interpolate", "fast_kernels",
+                                          "cat_into_pointwise", "write_in_place"]
     assert [s.name for s in LOWER] == ["fold_batchnorm", "lower_convs", "pool_before_activation",
-                                       "lower_max_pools", "merge_linear", "drop_noop_pads", "separable_interpolate", "fast_kernels"]
+                                       "lower_max_pools", "merge_linear", "drop_noop_pads", "separable_interpolate", "fast_kernels",
+                                       "cat_into_pointwise", "write_in_place"]
     check_stages(DECOMPOSE, FACTS, given=("shapes", "sites", "plan"))
     with pytest.raises(PassError, match="'tucker_rewrite' requires 'plan'"):
         check_stages(COMPRESS, FACTS, given=("shapes", "sites"))  # planning runs between PREPARE and DECOMPOSE

@@ -39,7 +39,7 @@ Example:
     >>> run = pipeline_run(TuckerConfig(tuning_cache=False), (x,), holds=())
     >>> gm = run.run(torch.fx.symbolic_trace(net), LOWER)
     >>> run.ran
-    ['fold_batchnorm', 'lower_convs', 'pool_before_activation', 'lower_max_pools', 'merge_linear', 'drop_noop_pads', 'separable_interpolate', 'fast_kernels']
+    ['fold_batchnorm', 'lower_convs', 'pool_before_activation', 'lower_max_pools', 'merge_linear', 'drop_noop_pads', 'separable_interpolate', 'fast_kernels', 'cat_into_pointwise', 'write_in_place']
     >>> bool(torch.allclose(gm(x), net(x), atol=1e-6))
     True
 """
@@ -52,8 +52,10 @@ from tucker_fx._internal.meta import ORIGINALS_KEY, PLAN_KEY
 from tucker_fx.analysis.costs import annotate_costs
 from tucker_fx.analysis.shapes import propagate_shapes
 from tucker_fx.config import TuckerConfig
+from tucker_fx.passes.cat_pointwise import CatIntoPointwise
 from tucker_fx.passes.fast_kernels import UseFastKernels
 from tucker_fx.passes.fold_bn import FoldBatchNorm
+from tucker_fx.passes.inplace import WriteInPlace
 from tucker_fx.passes.lowering import LowerBlocks, LowerConvs, LowerMaxPools
 from tucker_fx.passes.merge_linear import MergeLinear
 from tucker_fx.passes.noop_pads import DropNoOpPads
@@ -131,6 +133,14 @@ def _fast_kernels(ctx: StageContext) -> Optional[UseFastKernels]:
     return UseFastKernels() if _lowering(ctx.config) else None
 
 
+def _cat_into_pointwise(ctx: StageContext) -> Optional[CatIntoPointwise]:
+    return CatIntoPointwise() if _lowering(ctx.config) else None
+
+
+def _write_in_place(ctx: StageContext) -> Optional[WriteInPlace]:
+    return WriteInPlace() if _lowering(ctx.config) else None
+
+
 def _lower_convs(ctx: StageContext) -> Optional[LowerConvs]:
     c = ctx.config
     if not _lowering(c):
@@ -165,15 +175,23 @@ FAST_KERNELS = Stage("fast_kernels", _fast_kernels, requires=(SHAPES,), invalida
                      doc="1x1 convs as matmul and narrow 3-d convs on mkldnn, where ATen's own choice is slow "
                          "(config.lowering='auto'); keeps tensor_meta")
 
+CAT_INTO_POINTWISE = Stage("cat_into_pointwise", _cat_into_pointwise, requires=(SHAPES,), invalidates=(SITES,),
+                           doc="a channel cat read only by 1x1 convs is not built: they take its parts "
+                               "(config.lowering='auto')")
+
+WRITE_IN_PLACE = Stage("write_in_place", _write_in_place, invalidates=(SITES,),
+                       doc="InstanceNorm/GroupNorm and adds write into a buffer only they read "
+                           "(config.lowering='auto'); keeps tensor_meta")
+
 PREPARE: tuple[Stage, ...] = (FOLD_BN,)
 """Before planning: the planner sees the folded layers."""
 DECOMPOSE: tuple[Stage, ...] = (REWRITE, LOWER_BLOCKS, POOL_FIRST, LOWER_MAX_POOLS, MERGE, DROP_PADS, SEPARABLE_INTERPOLATE,
-                                  FAST_KERNELS)
+                                  FAST_KERNELS, CAT_INTO_POINTWISE, WRITE_IN_PLACE)
 """After planning (requires the plan in ``gm.meta``)."""
 COMPRESS: tuple[Stage, ...] = PREPARE + DECOMPOSE
 """``compress`` and ``apply_plan``: :data:`PREPARE`, planning, :data:`DECOMPOSE`."""
 LOWER: tuple[Stage, ...] = PREPARE + (LOWER_CONVS, POOL_FIRST, LOWER_MAX_POOLS, MERGE, DROP_PADS, SEPARABLE_INTERPOLATE,
-                                  FAST_KERNELS)
+                                  FAST_KERNELS, CAT_INTO_POINTWISE, WRITE_IN_PLACE)
 """``lower``: the same lowering passes on the undecomposed model."""
 
 _ANALYSED = (SHAPES, SITES)  # what a freshly analysed capture holds

@@ -1,0 +1,240 @@
+"""The passes that avoid full-width buffers: a channel cat fed part by part to its 1x1 convs
+(``passes.cat_pointwise``) and norms/adds written in place (``passes.inplace``). Both must be exact,
+fire where the buffer is the graph's own, and leave alone anything another reader could see."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+import tucker_fx
+from tucker_fx import TuckerConfig
+from tucker_fx._internal.meta import NOTES_KEY
+from tucker_fx.kernels.inplace import InplaceGroupNorm, InplaceInstanceNorm, add_into
+from tucker_fx.kernels.pointwise import PointwiseConv
+from tucker_fx.passes.cat_pointwise import CatIntoPointwise
+from tucker_fx.passes.inplace import WriteInPlace
+from tucker_fx.testing import zoo
+
+QUIET = dict(progress=False, speed_check=False)
+
+
+class _Leaf(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, name: str) -> bool:
+        return isinstance(m, PointwiseConv) or super().is_leaf_module(m, name)
+
+
+def _trace(net: nn.Module) -> fx.GraphModule:
+    return fx.GraphModule(net, _Leaf().trace(net))
+
+
+class CatMix(nn.Module):
+    def __init__(self, channels: tuple[int, ...], out: int, stride: tuple[int, ...], bias: bool, also: bool = False):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        w = torch.randn(out, sum(channels), *[1] * len(stride), generator=g)
+        self.mix = PointwiseConv(w, torch.randn(out, generator=g) if bias else None, stride)
+        self.also = also
+        self.channels = list(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts = torch.split(x, self.channels, dim=1)
+        cat = torch.cat([parts[i] for i in range(len(self.channels))], dim=1)
+        out = self.mix(cat)
+        return out + cat.mean() if self.also else out
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("channels, bias", [((3, 5), True), ((4, 2, 6), False)])
+def test_cat_into_pointwise_is_exact(dims, stride, batch, channels, bias) -> None:
+    net = CatMix(channels, 7, (stride,) * dims, bias)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, sum(channels), *[6] * dims, generator=g)
+    ref = net(x)
+    gm = _trace(net)
+    assert CatIntoPointwise()(gm).modified
+    assert not any(n.target is torch.cat for n in gm.graph.nodes)
+    assert any("concatenations fed part by part" in n for n in gm.meta[NOTES_KEY])
+    out = gm(x)
+    assert out.shape == ref.shape
+    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
+    cl = x.to(memory_format=torch.channels_last if dims == 2 else torch.channels_last_3d)
+    assert torch.allclose(gm(cl), ref, atol=1e-5, rtol=1e-5)  # another layout: the cat, as before
+
+
+def test_cat_into_pointwise_keeps_a_cat_that_others_read() -> None:
+    net = CatMix((3, 5), 4, (1, 1), True, also=True)
+    gm = _trace(net)
+    assert not CatIntoPointwise()(gm).modified
+    assert any(n.target is torch.cat for n in gm.graph.nodes)
+
+
+def test_pointwise_parts_reject_a_channel_mismatch() -> None:
+    mix = PointwiseConv(torch.randn(4, 6, 1, 1), None, (1, 1))
+    with pytest.raises(ValueError, match="7 channels together, the weight expects 6"):
+        mix(torch.randn(1, 3, 4, 4), torch.randn(1, 4, 4, 4))
+
+
+def test_pointwise_parts_differentiable() -> None:
+    mix = PointwiseConv(torch.randn(4, 6, 1, 1, 1), torch.randn(4), (1, 1, 1))
+    a = torch.randn(1, 2, 3, 3, 3, requires_grad=True)
+    b = torch.randn(1, 4, 3, 3, 3, requires_grad=True)
+    mix(a, b).square().sum().backward()
+    a2, b2 = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    mix(torch.cat([a2, b2], 1)).square().sum().backward()
+    assert torch.allclose(a.grad, a2.grad, atol=1e-5) and torch.allclose(b.grad, b2.grad, atol=1e-5)
+
+
+class Decoder(nn.Module):
+    """A U-Net decoder step: up-sample, cat with the skip, 3x3x3 conv, InstanceNorm, residual add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = nn.Conv3d(16, 32, 3, stride=2, padding=1)
+        self.up = nn.ConvTranspose3d(32, 16, 2, stride=2)
+        self.conv = nn.Conv3d(32, 32, 3, padding=1)
+        self.norm = nn.InstanceNorm3d(32, affine=True)
+        self.conv2 = nn.Conv3d(32, 32, 3, padding=1)
+        self.gn = nn.GroupNorm(4, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skip = x
+        y = self.conv(torch.cat([self.up(F.relu(self.down(x))), skip], dim=1))
+        y = F.leaky_relu(self.norm(y), 0.01, inplace=True)
+        return self.gn(self.conv2(y)) + y
+
+
+@pytest.mark.filterwarnings("ignore::tucker_fx.errors.PoorCompressionWarning")
+def test_compress_feeds_the_decoders_cat_to_its_first_factor_and_writes_in_place() -> None:
+    torch.manual_seed(0)
+    net = zoo.randomize_norms(Decoder()).eval()
+    x = torch.randn(1, 16, 8, 8, 8)
+    kept = x.clone()
+    config = TuckerConfig(rank=0.25, **QUIET)
+    low = tucker_fx.compress(net, x, config=config)
+    notes = " ".join(low.module.meta.get(NOTES_KEY, []))
+    assert "concatenations fed part by part" in notes and "written in place" in notes
+    kinds = {type(m).__name__ for m in low.module.modules()}
+    assert {"InplaceInstanceNorm", "InplaceGroupNorm"} <= kinds
+    plain = tucker_fx.compress(net, x, config=config.replace(lowering="none"))
+    full = tucker_fx.compress(net, x, config=TuckerConfig(rank=1.0, only_if_cheaper=False, **QUIET))
+    with torch.no_grad():
+        assert zoo.rel_error(plain.module(x), low.module(x)) < 1e-5  # the same model, with and without the passes
+        assert zoo.rel_error(net(x), full.module(x)) < 1e-5  # exact at full rank
+    assert torch.equal(x, kept)  # the model's input is never written
+
+
+def _norm_net(norm: nn.Module) -> nn.Module:
+    return nn.Sequential(nn.Conv3d(2, 8, 3, padding=1), norm, nn.ReLU()).eval()
+
+
+@pytest.mark.parametrize("norm, kind", [(lambda: nn.InstanceNorm3d(8, affine=True), InplaceInstanceNorm),
+                                         (lambda: nn.InstanceNorm3d(8), InplaceInstanceNorm),
+                                         (lambda: nn.GroupNorm(2, 8), InplaceGroupNorm),
+                                         (lambda: nn.GroupNorm(8, 8, affine=False), InplaceGroupNorm)],
+                         ids=["instance_affine", "instance", "group", "group_per_channel"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_norms_in_place_are_exact(norm, kind, batch) -> None:
+    torch.manual_seed(0)
+    net = zoo.randomize_norms(_norm_net(norm()))
+    x = torch.randn(batch, 2, 4, 5, 6)
+    gm = fx.symbolic_trace(net)
+    ref = net(x)
+    assert WriteInPlace()(gm).modified
+    assert isinstance(gm.get_submodule("1"), kind)
+    with torch.no_grad():
+        out = gm(x)
+    assert torch.allclose(out, ref, atol=1e-5), float((out - ref).abs().max())
+    # with autograd recording: the out-of-place op, and gradients flow
+    out = gm(x)
+    out.sum().backward()
+    assert torch.allclose(out, ref, atol=1e-5)
+    assert net[0].weight.grad is not None
+    # through torch.compile: the functional op
+    compiled = torch.compile(gm, backend="eager")
+    with torch.no_grad():
+        assert torch.allclose(compiled(x), ref, atol=1e-5)
+
+
+class Shared(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(4, 4, 1)
+        self.norm = nn.InstanceNorm3d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.norm(self.conv(x))  # a buffer only the norm reads
+        b = self.norm(x)  # the model's input: must not be written
+        return a + b
+
+
+class Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(4, 4, 1)
+        self.norm = nn.InstanceNorm3d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.norm(y) + y  # y is read twice: neither the norm nor the add may write into it
+
+
+@pytest.mark.parametrize("net", [Shared, Residual])
+def test_buffers_that_others_read_are_not_written(net) -> None:
+    torch.manual_seed(0)
+    model = net().eval()
+    x = torch.randn(1, 4, 3, 3, 3)
+    kept = x.clone()
+    with torch.no_grad():
+        ref = model(x)
+        gm = fx.symbolic_trace(model)
+        WriteInPlace()(gm)
+        assert isinstance(gm.get_submodule("norm"), nn.InstanceNorm3d)
+        assert torch.equal(gm(x), ref)
+    assert torch.equal(x, kept)
+
+
+def test_add_into_writes_only_a_buffer_it_owns() -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 1)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            u = self.a(x)
+            return x + self.b(x), u + x.mean()  # the second add: its tensor operand u is owned, x.mean() a new scalar
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    x = torch.randn(2, 3, 4, 4)
+    with torch.no_grad():
+        ref = net(x)
+        gm = fx.symbolic_trace(net)
+        assert WriteInPlace()(gm).modified
+        adds = [n for n in gm.graph.nodes if n.target is add_into]
+        assert [a.args[0].target for a in adds] == ["b", "a"]  # the conv outputs, never x
+        out = gm(x)
+    assert all(torch.equal(o, r) for o, r in zip(out, ref))
+    # a broadcasting add falls back to the ordinary op
+    assert torch.equal(add_into(torch.ones(2, 1), torch.ones(1, 3)), torch.full((2, 3), 2.0))
+
+
+def test_training_mode_norms_are_left_alone() -> None:
+    net = _norm_net(nn.GroupNorm(2, 8)).train()
+    gm = fx.symbolic_trace(net)
+    assert not WriteInPlace()(gm).modified
+    assert isinstance(gm.get_submodule("1"), nn.GroupNorm)
+
+
+def test_inplace_modules_reject_other_norms() -> None:
+    with pytest.raises(ValueError, match="without running statistics"):
+        InplaceInstanceNorm(nn.InstanceNorm3d(4, track_running_stats=True))
+    with pytest.raises(ValueError, match="expected a GroupNorm"):
+        InplaceGroupNorm(nn.BatchNorm3d(4))  # type: ignore[arg-type]
