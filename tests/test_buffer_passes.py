@@ -238,3 +238,50 @@ def test_inplace_modules_reject_other_norms() -> None:
         InplaceInstanceNorm(nn.InstanceNorm3d(4, track_running_stats=True))
     with pytest.raises(ValueError, match="expected a GroupNorm"):
         InplaceGroupNorm(nn.BatchNorm3d(4))  # type: ignore[arg-type]
+
+
+class UpCat(nn.Module):
+    """A U-Net up step: stride = kernel up-conv, cat with the skip, a decomposable 3x3x3 conv."""
+
+    def __init__(self, bias: bool = True) -> None:
+        super().__init__()
+        self.up = nn.ConvTranspose3d(32, 32, 2, stride=2, bias=bias)
+        self.conv = nn.Conv3d(64, 32, 3, padding=1, bias=bias)
+
+    def forward(self, low: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.conv(torch.cat([self.up(low), skip], dim=1)))
+
+
+@pytest.mark.filterwarnings("ignore::tucker_fx.errors.PoorCompressionWarning")
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_up_conv_takes_in_its_share_of_the_first_factor(bias) -> None:
+    from tucker_fx.kernels.pointwise import MixParts
+
+    torch.manual_seed(0)
+    net = UpCat(bias).eval()
+    # an up-conv output of 2^20 values: large enough for its patch kernel (fast_kernels' rule)
+    low, skip = torch.randn(1, 32, 16, 16, 16), torch.randn(1, 32, 32, 32, 32)
+    config = TuckerConfig(rank=0.25, merge=False, **QUIET)
+    r = tucker_fx.compress(net, low, skip, config=config)
+    plain = tucker_fx.compress(net, low, skip, config=config.replace(lowering="none"))
+    notes = " ".join(r.module.meta.get(NOTES_KEY, []))
+    assert "output channels mixed to" in notes, notes
+    mixes = [m for m in r.module.modules() if isinstance(m, MixParts)]
+    assert len(mixes) == 1 and mixes[0].keep == 0
+    # MACs by hand: the up-conv now makes R_s channels (R_s = the first factor's rows), and the first
+    # factor reads only the skip's 32 channels
+    r_s = mixes[0].weight.shape[0]
+    rows = {row.name: row for row in r.after.rows}
+    up = next(row for row in r.after.rows if row.target == "PatchConvTranspose" or "up" == row.name)
+    assert up.macs == 16 ** 3 * 32 * r_s * 8
+    mix_row = next(row for row in r.after.rows if row.kind == "conv" and row.macs == 32 ** 3 * 32 * r_s)
+    assert "unsupported" not in {row.kind for row in rows.values()}, [n for n, row in rows.items() if row.kind == "unsupported"]
+    assert mix_row is not None
+    with torch.no_grad():
+        assert zoo.rel_error(plain.module(low, skip), r.module(low, skip)) < 1e-5
+    # differentiable, and the same gradients as the plain decomposition
+    for m in (r.module, plain.module):
+        m.zero_grad()
+        m(low, skip).square().sum().backward()
+    g_r = r.module.get_submodule("up").weight.grad
+    assert g_r is not None and torch.isfinite(g_r).all()

@@ -43,7 +43,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from tucker_fx.kernels import ops as _ops  # noqa: F401  (registers torch.ops.tucker_fx.*)
 
-__all__ = ["PointwiseConv", "MkldnnConv", "is_pointwise", "mkldnn_eligible"]
+__all__ = ["PointwiseConv", "MixParts", "MkldnnConv", "is_pointwise", "mkldnn_eligible"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
@@ -152,6 +152,46 @@ def _pointwise_parts(parts: tuple[Tensor, ...], weight: Tensor, bias: Optional[T
             y = y.addmm_(wp, cols)  # into the fresh product: the backward of mm needs its inputs, not y
     assert y is not None
     return y.reshape(1, w.shape[0], *spatial)
+
+
+class MixParts(nn.Module):
+    """``parts[keep] + W @ cat(the other parts, channels) (+ b)``: a 1x1 conv over a channel concatenation
+    whose block for part ``keep`` is the identity, because that part's channel mix was moved into the
+    layer that makes it (``passes.cat_pointwise`` does this for a stride = kernel up-conv).
+
+    Example:
+        >>> import torch
+        >>> mix = MixParts(torch.randn(4, 3, 1, 1), None, keep=0)
+        >>> a, b = torch.randn(1, 4, 5, 5), torch.randn(1, 3, 5, 5)
+        >>> ref = a + torch.nn.functional.conv2d(b, mix.weight)
+        >>> bool(torch.allclose(mix(a, b), ref, atol=1e-5))
+        True
+    """
+
+    def __init__(self, weight: Tensor, bias: Optional[Tensor], keep: int) -> None:
+        super().__init__()
+        if weight.dim() < 3 or any(k != 1 for k in weight.shape[2:]):
+            raise ValueError(f"MixParts: expected a weight (out, in, 1, ...), got shape {tuple(weight.shape)}")
+        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+        self.keep = int(keep)
+
+    def forward(self, *parts: Tensor) -> Tensor:
+        if not 0 <= self.keep < len(parts) or len(parts) < 2:
+            raise ValueError(f"MixParts: expected at least 2 parts with part {self.keep} kept, got {len(parts)}")
+        base = parts[self.keep]
+        others = tuple(p for i, p in enumerate(parts) if i != self.keep)
+        if base.shape[1] != self.weight.shape[0]:
+            raise ValueError(f"MixParts: part {self.keep} has {base.shape[1]} channels, the output {self.weight.shape[0]}")
+        ones = (1,) * (self.weight.dim() - 2)
+        mixed = (_pointwise_parts(others, self.weight, self.bias, ones) if len(others) > 1
+                 else _pointwise(others[0], self.weight, self.bias, ones))
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or mixed.shape != base.shape:
+            return base + mixed
+        return mixed.add_(base)  # into the fresh product
+
+    def extra_repr(self) -> str:
+        return f"keep part {self.keep}, {self.weight.shape[1]} -> {self.weight.shape[0]}, bias={self.bias is not None}"
 
 
 @torch.fx.wrap
