@@ -6,8 +6,10 @@
 Per model: the original (eager), ``tucker_fx.lower`` of the original (the fair baseline: the same
 lowering passes, no decomposition), and ``tucker_fx.compress`` at ``--rank`` with the default
 config otherwise, timed interleaved in one process (medians and min-max of ``--repeats`` runs).
-Realisation = (original time / compressed time) / (FLOPs ratio). ``--ablate`` also times the
-compressed model built without the ``fast_kernels`` stage (what the release before it gave).
+Realisation = (original time / compressed time) / (FLOPs ratio). ``--ablate STAGES`` also times the
+compressed model built without those pipeline stages (comma-separated; bare ``--ablate`` means
+``fast_kernels``; ``--ablate cat_into_pointwise,write_in_place`` is the release before those two),
+in the same interleaved run.
 With ``--inductor``, the original and the compressed model are also compiled with inductor.
 Random weights: right for speed, meaningless for accuracy.
 """
@@ -70,7 +72,27 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
 }
 
 
-def measure(name: str, rank: float, repeats: int, inductor: bool, ablate: bool) -> dict[str, Any]:
+def _without_stages(names: list[str]) -> Callable[[], None]:
+    """Make the named pipeline stages do nothing; returns the function that restores them."""
+    from tucker_fx.passes.cat_pointwise import CatIntoPointwise
+    from tucker_fx.passes.fast_kernels import UseFastKernels
+    from tucker_fx.passes.inplace import WriteInPlace
+    from tucker_fx.passes.runner import PassResult
+    classes = {"fast_kernels": UseFastKernels, "cat_into_pointwise": CatIntoPointwise, "write_in_place": WriteInPlace}
+    unknown = [n for n in names if n not in classes]
+    if unknown:
+        raise SystemExit(f"--ablate: unknown stage(s) {unknown}; expected some of {sorted(classes)}")
+    kept = {n: classes[n].__call__ for n in names}
+    for n in names:
+        classes[n].__call__ = lambda self, gm: PassResult(gm, False)  # type: ignore[method-assign]
+
+    def restore() -> None:
+        for n, call in kept.items():
+            classes[n].__call__ = call  # type: ignore[method-assign]
+    return restore
+
+
+def measure(name: str, rank: float, repeats: int, inductor: bool, ablate: str) -> dict[str, Any]:
     factory, shape = MODELS[name]
     torch.manual_seed(0)
     model = randomize_norms(factory()).eval()
@@ -86,15 +108,12 @@ def measure(name: str, rank: float, repeats: int, inductor: bool, ablate: bool) 
     fns: dict[str, Callable[[], Any]] = {"original": lambda: model(x), "lowered original": lambda: lowered(x),
                                          "compressed": lambda: result.module(x)}
     if ablate:
-        from tucker_fx.passes.fast_kernels import UseFastKernels
-        from tucker_fx.passes.runner import PassResult
-        keep = UseFastKernels.__call__
-        UseFastKernels.__call__ = lambda self, gm: PassResult(gm, False)  # type: ignore[method-assign]
+        without = _without_stages(ablate.split(","))
         try:
             before = tucker_fx.compress(model, x, config=config.replace(validate=False)).module
         finally:
-            UseFastKernels.__call__ = keep  # type: ignore[method-assign]
-        fns["compressed, no fast kernels"] = lambda: before(x)
+            without()
+        fns[f"compressed without {ablate}"] = lambda: before(x)
     if inductor:
         torch._dynamo.reset()
         orig_c, comp_c = torch.compile(model), torch.compile(result.module)
@@ -116,7 +135,8 @@ def measure(name: str, rank: float, repeats: int, inductor: bool, ablate: bool) 
     if inductor:
         row["speedup_inductor"] = med["original inductor"] / med["compressed inductor"]
     if ablate:
-        row["speedup_no_fast_kernels"] = med["original"] / med["compressed, no fast kernels"]
+        row["ablated"] = ablate
+        row["speedup_ablated"] = med["original"] / med[f"compressed without {ablate}"]
     return row
 
 
@@ -126,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rank", type=float, default=0.25, help="rank fraction for every layer (THETIS: paper ranks)")
     p.add_argument("--repeats", type=int, default=9, help="timed runs per variant (interleaved)")
     p.add_argument("--inductor", action="store_true", help="also time inductor compiles of both")
-    p.add_argument("--ablate", action="store_true", help="also time the compressed model without fast kernels")
+    p.add_argument("--ablate", nargs="?", const="fast_kernels", default="", metavar="STAGES",
+                   help="also time the compressed model built without these stages (default: fast_kernels)")
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args(argv)
     rows = []
@@ -135,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         row = measure(name, args.rank, args.repeats, args.inductor, args.ablate)
         rows.append(row)
         ms = "  ".join(f"{k} {v:.1f}" for k, v in row["ms"].items())
-        extra = "".join(f"  {k} x{row[k]:.2f}" for k in ("speedup_no_fast_kernels", "speedup_inductor") if k in row)
+        extra = "".join(f"  {k} x{row[k]:.2f}" for k in ("speedup_ablated", "speedup_inductor") if k in row)
         print(f"{name}: FLOPs x{row['flops_ratio']:.2f}  speed-up x{row['speedup']:.2f}  realisation "
               f"{row['realisation']:.2f}  vs lowered x{row['speedup_vs_lowered']:.2f}{extra}  | ms: {ms}", flush=True)
     if args.json:
