@@ -563,9 +563,30 @@ def test_speed_search_times_untouched_layers_with_the_fast_kernels(monkeypatch, 
     monkeypatch.setattr(budgeted, "compare_samples", _fake_samples)
     monkeypatch.setattr(api, "compare_samples", _fake_samples)
     compress_quiet(net, x, config=TuckerConfig(target_speedup=1.5, **QUIET), calibration=[x])
-    originals = [m for m in timed if not hasattr(m, "core")]  # a TuckerBlock traced keeps first/core/last
+    # a TuckerBlock traced keeps its first/core/last submodules; the original layers have none
+    originals = [m for m in timed if not any(name.rpartition(".")[2] == "core" for name, _ in m.named_modules())]
     assert len(originals) == 2, [type(m).__name__ for m in timed]
     assert sum(any(isinstance(m, fast) for m in o.modules()) for o in originals) == fast_layers
+
+
+def test_speed_search_times_each_option_lowered_as_the_pipeline_will(monkeypatch) -> None:
+    # THETIS's first conv (5 x 11 x 11) runs as an FFT conv in the compressed model, its blocks too: the
+    # search must time those, not ATen's direct conv (which made it predict x1.2 where it measured x7)
+    import tucker_fx.api as api
+    import tucker_fx.search.budgeted as budgeted
+    from tucker_fx.kernels.fft_conv import FFTConv, TuckerFFTConv
+
+    net = nn.Sequential(nn.Conv3d(4, 6, (5, 11, 11), padding=(2, 5, 5)), nn.ReLU(), nn.Conv3d(6, 8, 1)).eval()
+    x = torch.randn(1, 4, 8, 40, 64)
+    timed: list[nn.Module] = []
+    real_fast = budgeted._fast
+    monkeypatch.setattr(budgeted, "_fast", lambda m, inp: timed.append(m) or real_fast(m, inp))
+    monkeypatch.setattr(budgeted, "compare_samples", _fake_samples)
+    monkeypatch.setattr(api, "compare_samples", _fake_samples)
+    compress_quiet(net, x, config=TuckerConfig(target_speedup=1.5, exclude=("2",), **QUIET), calibration=[x])
+    kinds = [type(m[0]).__name__ for m in timed]
+    assert kinds[0] == "FFTConv", kinds  # the layer left alone, as lower_kept_convs runs it
+    assert all(isinstance(m[0], (FFTConv, TuckerFFTConv)) for m in timed), kinds  # every option: FFT here
 
 
 class ConvStack3d(nn.Module):

@@ -38,7 +38,7 @@ def _analysed(model: nn.Module) -> fx.GraphModule:
 
 
 def test_pipelines_are_declared_in_order() -> None:
-    assert [s.name for s in COMPRESS] == ["fold_batchnorm", "tucker_rewrite", "lower_blocks",
+    assert [s.name for s in COMPRESS] == ["fold_batchnorm", "tucker_rewrite", "lower_blocks", "lower_kept_convs",
                                           "pool_before_activation", "lower_max_pools", "merge_linear",
                                           "drop_noop_pads", "separable_interpolate", "fast_kernels",
                                           "cat_into_pointwise", "write_in_place"]
@@ -135,3 +135,25 @@ def test_lower_old_keywords_still_work_with_a_warning() -> None:
         tucker_fx.lower(model, X, tunes=False)
     with pytest.raises(TypeError, match="config must be a TuckerConfig"):
         tucker_fx.lower(model, X, config={"tune": False})
+
+
+def test_compress_lowers_the_convs_it_leaves_alone_as_lower_does() -> None:
+    # a big-kernel conv left as it is (excluded) runs as the FFT conv that tucker_fx.lower gives it, not as
+    # ATen's direct conv: compress is never slower on a layer it did not touch than the fair baseline
+    import tucker_fx
+    from tucker_fx import TuckerConfig
+    from tucker_fx._internal.meta import NOTES_KEY
+    from tucker_fx.kernels.fft_conv import FFTConv
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv3d(4, 6, (5, 11, 11), padding=(2, 5, 5)), nn.ReLU(),
+                        nn.Conv3d(6, 16, 3, padding=1)).eval()
+    x = torch.randn(1, 4, 8, 40, 64)
+    r = tucker_fx.compress(net, x, config=TuckerConfig(rank=0.5, exclude=("0",), progress=False, speed_check=False))
+    lowered = tucker_fx.lower(net, x, config=TuckerConfig(progress=False))
+    assert isinstance(lowered.get_submodule("0"), FFTConv)  # the premise
+    assert isinstance(r.module.get_submodule("0"), FFTConv)
+    assert any("convs left as they are, lowered" in n and "0 -> fft" in n for n in r.module.meta[NOTES_KEY])
+    assert not r.plan["0"].applied
+    with torch.no_grad():
+        assert torch.allclose(r.module.get_submodule("0")(x), net[0](x), atol=1e-4)

@@ -207,6 +207,28 @@ def _example(node: fx.Node, device: torch.device) -> torch.Tensor:
     return torch.randn(tuple(tm.shape), generator=gen, dtype=tm.dtype).to(device)
 
 
+def cost_model_conv_pick(conv: nn.Module, x_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> tuple[str, dict[str, float]]:
+    """The lowering of a plain conv (``direct`` or ``fft``) that the cost model predicts fastest at these
+    shapes, and its estimates in ms.
+
+    Example:
+        >>> import torch.nn as nn
+        >>> cost_model_conv_pick(nn.Conv3d(4, 6, (5, 11, 11), padding=(2, 5, 5)), (1, 4, 28, 80, 128), (1, 6, 28, 80, 128))[0]
+        'fft'
+    """
+    d = conv.weight.dim() - 2
+    out, x_b = batched(tuple(out_shape), d), batched(tuple(x_shape), d)
+    macs = out[0] * math.prod(out[2:]) * math.prod(conv.weight.shape)
+    times = {"direct": 1e3 * direct_conv_seconds(macs=macs, c_in=conv.in_channels, c_out=conv.out_channels)}
+    try:
+        shape = fft_size(list(x_b[2:]), conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.padding_mode)
+    except ValueError:
+        return "direct", times
+    times["fft"] = 1e3 * fft_conv_seconds(batch=x_b[0], c_in=conv.in_channels, c_out=conv.out_channels,
+                                          fft_shape=tuple(shape))
+    return min(times, key=times.__getitem__), times
+
+
 def _cost_model_pick(block: TuckerBlock, x_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> tuple[str, dict[str, float]]:
     core = block.core
     if isinstance(core, nn.Linear):
@@ -363,6 +385,8 @@ class LowerConvs:
     repeats: int = 7
     tolerance: float = 1e-5
     choices: dict[str, Any] = field(default_factory=dict)
+    kept_only: bool = False
+    """Only the convs a compression left alone (nodes that are not parts of a Tucker block)."""
     name: str = "lower_convs"
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
@@ -374,20 +398,15 @@ class LowerConvs:
             conv = gm.get_submodule(str(node.target))
             if not isinstance(conv, _CONVS) or conv.groups != 1 or "tensor_meta" not in node.args[0].meta:
                 continue
+            if self.kept_only and ORIGIN_KEY in node.meta:
+                continue  # a part of a Tucker block: lower_blocks lowers the block as a whole
             x = _example(node.args[0], conv.weight.device)
             cands = conv_candidates(conv)
             if self.tune:
                 winner, times, source, _ = chooser.choose(cands, x, allowed_inexact=())
             else:
-                d = conv.weight.dim() - 2
-                out, x_shape = batched(tuple(node.meta["tensor_meta"].shape), d), batched(tuple(x.shape), d)
-                macs = out[0] * math.prod(out[2:]) * math.prod(conv.weight.shape)
-                shape = fft_size(list(x_shape[2:]), conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                                 conv.padding_mode)
-                times = {"direct": 1e3 * direct_conv_seconds(macs=macs, c_in=conv.in_channels, c_out=conv.out_channels),
-                         "fft": 1e3 * fft_conv_seconds(batch=x_shape[0], c_in=conv.in_channels,
-                                                       c_out=conv.out_channels, fft_shape=tuple(shape))}
-                winner, source = min(times, key=times.__getitem__), "cost model"
+                winner, times = cost_model_conv_pick(conv, tuple(x.shape), tuple(node.meta["tensor_meta"].shape))
+                source = "cost model"
             self.choices[str(node.target)] = {"lowering": winner, "timings_ms": times, "source": source}
             if winner != "direct":
                 parent, _, leaf = str(node.target).rpartition(".")
@@ -396,6 +415,10 @@ class LowerConvs:
         if self.cache is not None:
             self.cache.save()
         gm.meta[LOWERING_KEY] = self.choices
+        lowered = [f"{k} -> {v['lowering']} ({v['source']})" for k, v in self.choices.items() if v["lowering"] != "direct"]
+        if self.kept_only and lowered:
+            gm.meta.setdefault(NOTES_KEY, []).append("convs left as they are, lowered as tucker_fx.lower would: "
+                                                     + ", ".join(lowered))
         return PassResult(gm, modified)
 
 

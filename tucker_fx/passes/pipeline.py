@@ -148,6 +148,14 @@ def _lower_convs(ctx: StageContext) -> Optional[LowerConvs]:
     return LowerConvs(tune=c.tune, cache=ctx.cache(), repeats=c.tuning_repeats, tolerance=c.lowering_tolerance)
 
 
+def _lower_kept_convs(ctx: StageContext) -> Optional[LowerConvs]:
+    c = ctx.config
+    if not _lowering(c):
+        return None
+    return LowerConvs(tune=c.tune, cache=ctx.cache(), repeats=c.tuning_repeats, tolerance=c.lowering_tolerance,
+                      kept_only=True, name="lower_kept_convs")
+
+
 FOLD_BN = Stage("fold_batchnorm", _fold_bn, invalidates=(SHAPES, SITES),
                 doc="eval-mode BatchNorm folded into the conv/linear before it (config.fold_bn)")
 REWRITE = Stage("tucker_rewrite", _rewrite, requires=(PLAN, SITES), provides=(ORIGINALS,), invalidates=(SHAPES, SITES),
@@ -175,6 +183,9 @@ FAST_KERNELS = Stage("fast_kernels", _fast_kernels, requires=(SHAPES,), invalida
                      doc="1x1 convs as matmul and narrow 3-d convs on mkldnn, where ATen's own choice is slow "
                          "(config.lowering='auto'); keeps tensor_meta")
 
+LOWER_KEPT_CONVS = Stage("lower_kept_convs", _lower_kept_convs, requires=(SHAPES,), invalidates=(SITES,),
+                         doc="the convs a compression left alone get the lowering tucker_fx.lower gives them "
+                             "(config.lowering='auto')")
 CAT_INTO_POINTWISE = Stage("cat_into_pointwise", _cat_into_pointwise, requires=(SHAPES,), invalidates=(SITES,),
                            doc="a channel cat read only by 1x1 convs is not built: they take its parts "
                                "(config.lowering='auto')")
@@ -185,7 +196,7 @@ WRITE_IN_PLACE = Stage("write_in_place", _write_in_place, invalidates=(SITES,),
 
 PREPARE: tuple[Stage, ...] = (FOLD_BN,)
 """Before planning: the planner sees the folded layers."""
-DECOMPOSE: tuple[Stage, ...] = (REWRITE, LOWER_BLOCKS, POOL_FIRST, LOWER_MAX_POOLS, MERGE, DROP_PADS, SEPARABLE_INTERPOLATE,
+DECOMPOSE: tuple[Stage, ...] = (REWRITE, LOWER_BLOCKS, LOWER_KEPT_CONVS, POOL_FIRST, LOWER_MAX_POOLS, MERGE, DROP_PADS, SEPARABLE_INTERPOLATE,
                                   FAST_KERNELS, CAT_INTO_POINTWISE, WRITE_IN_PLACE)
 """After planning (requires the plan in ``gm.meta``)."""
 COMPRESS: tuple[Stage, ...] = PREPARE + DECOMPOSE
