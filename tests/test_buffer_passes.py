@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import tucker_fx
 from tucker_fx import TuckerConfig
 from tucker_fx._internal.meta import NOTES_KEY
-from tucker_fx.kernels.inplace import InplaceGroupNorm, InplaceInstanceNorm, add_into
+from tucker_fx.kernels.inplace import InplaceInstanceNorm, add_into
 from tucker_fx.kernels.pointwise import PointwiseConv
 from tucker_fx.passes.cat_pointwise import CatIntoPointwise
 from tucker_fx.passes.inplace import WriteInPlace
@@ -122,7 +122,7 @@ def test_compress_feeds_the_decoders_cat_to_its_first_factor_and_writes_in_place
     notes = " ".join(low.module.meta.get(NOTES_KEY, []))
     assert "concatenations fed part by part" in notes and "written in place" in notes
     kinds = {type(m).__name__ for m in low.module.modules()}
-    assert {"InplaceInstanceNorm", "InplaceGroupNorm"} <= kinds
+    assert "InplaceInstanceNorm" in kinds and "GroupNorm" in kinds  # GroupNorm: out of place (faster)
     plain = tucker_fx.compress(net, x, config=config.replace(lowering="none"))
     full = tucker_fx.compress(net, x, config=TuckerConfig(rank=1.0, only_if_cheaper=False, **QUIET))
     with torch.no_grad():
@@ -136,10 +136,8 @@ def _norm_net(norm: nn.Module) -> nn.Module:
 
 
 @pytest.mark.parametrize("norm, kind", [(lambda: nn.InstanceNorm3d(8, affine=True), InplaceInstanceNorm),
-                                         (lambda: nn.InstanceNorm3d(8), InplaceInstanceNorm),
-                                         (lambda: nn.GroupNorm(2, 8), InplaceGroupNorm),
-                                         (lambda: nn.GroupNorm(8, 8, affine=False), InplaceGroupNorm)],
-                         ids=["instance_affine", "instance", "group", "group_per_channel"])
+                                         (lambda: nn.InstanceNorm3d(8), InplaceInstanceNorm)],
+                         ids=["instance_affine", "instance"])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_norms_in_place_are_exact(norm, kind, batch) -> None:
     torch.manual_seed(0)
@@ -226,18 +224,21 @@ def test_add_into_writes_only_a_buffer_it_owns() -> None:
     assert torch.equal(add_into(torch.ones(2, 1), torch.ones(1, 3)), torch.full((2, 3), 2.0))
 
 
-def test_training_mode_norms_are_left_alone() -> None:
-    net = _norm_net(nn.GroupNorm(2, 8)).train()
+@pytest.mark.parametrize("norm", [lambda: nn.InstanceNorm3d(8, affine=True), lambda: nn.GroupNorm(2, 8),
+                                  lambda: nn.InstanceNorm3d(8, track_running_stats=True)],
+                         ids=["training_mode", "group_norm", "running_stats"])
+def test_other_norms_are_left_alone(norm) -> None:
+    net = _norm_net(norm())
+    if isinstance(net[1], nn.InstanceNorm3d) and not net[1].track_running_stats:
+        net.train()
     gm = fx.symbolic_trace(net)
-    assert not WriteInPlace()(gm).modified
-    assert isinstance(gm.get_submodule("1"), nn.GroupNorm)
+    WriteInPlace()(gm)
+    assert type(gm.get_submodule("1")) is type(net[1])
 
 
 def test_inplace_modules_reject_other_norms() -> None:
     with pytest.raises(ValueError, match="without running statistics"):
         InplaceInstanceNorm(nn.InstanceNorm3d(4, track_running_stats=True))
-    with pytest.raises(ValueError, match="expected a GroupNorm"):
-        InplaceGroupNorm(nn.BatchNorm3d(4))  # type: ignore[arg-type]
 
 
 class UpCat(nn.Module):

@@ -1,9 +1,10 @@
-"""Graph pass: norms and adds write into a buffer that only they read.
+"""Graph pass: InstanceNorms and adds write into a buffer that only they read.
 
 Every CPU allocation of 32 MB or more pays page faults on each call (see :mod:`tucker_fx.kernels.inplace`);
 in a U-Net at 64^3 the full-width norms and residual adds, which a decomposition does not touch, are
-such allocations. This pass runs an InstanceNorm (without running statistics) or a GroupNorm in
-place, and an add into one of its operands, where that operand is a buffer the graph owns:
+such allocations. This pass runs an InstanceNorm (without running statistics) in place, and an add
+into one of its operands, where that operand is a buffer the graph owns (GroupNorm stays out of
+place: ATen's in-place path for it measured slower):
 
 - it was made by a node that returns a new tensor (a conv, a linear, a norm, an add, a cat, one of the
   package's kernels, an out-of-place activation), or by an in-place activation of such a buffer, and
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 
 from tucker_fx._internal.meta import NOTES_KEY
 from tucker_fx.kernels.conv_transpose import PatchConvTranspose
-from tucker_fx.kernels.inplace import InplaceGroupNorm, InplaceInstanceNorm, add_into, inplace_norm_eligible
+from tucker_fx.kernels.inplace import InplaceInstanceNorm, add_into, inplace_norm_eligible
 from tucker_fx.kernels.pointwise import MkldnnConv, PointwiseConv
 from tucker_fx.passes.runner import PassResult
 
@@ -46,8 +47,7 @@ __all__ = ["WriteInPlace"]
 
 _NEW_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear,
                 nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
-                nn.GroupNorm, nn.LayerNorm, MkldnnConv, PointwiseConv, PatchConvTranspose, InplaceInstanceNorm,
-                InplaceGroupNorm)
+                nn.GroupNorm, nn.LayerNorm, MkldnnConv, PointwiseConv, PatchConvTranspose, InplaceInstanceNorm)
 """Modules whose output is a new buffer (the in-place norms: given a buffer only they read)."""
 _ACTIVATIONS = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.ReLU6, nn.Hardtanh, nn.SiLU, nn.Hardswish, nn.Hardsigmoid,
                 nn.Mish, nn.PReLU, nn.GELU, nn.Sigmoid, nn.Tanh)
@@ -108,8 +108,7 @@ class WriteInPlace:
             if not all(len(n.args) == 1 and not n.kwargs and _only_reader(n.args[0], n) and _owns(gm, n.args[0])
                        for n in nodes):
                 continue
-            new = (InplaceInstanceNorm(module) if isinstance(module, nn.modules.instancenorm._InstanceNorm)
-                   else InplaceGroupNorm(module))
+            new = InplaceInstanceNorm(module)
             parent, _, leaf = target.rpartition(".")
             setattr(gm.get_submodule(parent) if parent else gm, leaf, new)
             done.extend(n.name for n in nodes)

@@ -191,7 +191,7 @@ CAT_INTO_POINTWISE = Stage("cat_into_pointwise", _cat_into_pointwise, requires=(
                                "(config.lowering='auto')")
 
 WRITE_IN_PLACE = Stage("write_in_place", _write_in_place, invalidates=(SITES,),
-                       doc="InstanceNorm/GroupNorm and adds write into a buffer only they read "
+                       doc="InstanceNorms and adds write into a buffer only they read "
                            "(config.lowering='auto'); keeps tensor_meta")
 
 PREPARE: tuple[Stage, ...] = (FOLD_BN,)
