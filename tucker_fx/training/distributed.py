@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 from typing import Optional
@@ -64,7 +65,9 @@ def init_distributed(backend: Optional[str] = None, *, device: Optional[torch.de
     """Join the process group described by the ``torchrun`` environment (``MASTER_ADDR``,
     ``MASTER_PORT``, ``RANK``, ``WORLD_SIZE``) unless one is initialised already; returns
     ``(rank, world_size)``. ``timeout_s`` bounds every collective, so a lost peer fails the run
-    instead of hanging it."""
+    instead of hanging it. A group this function creates is destroyed when the interpreter exits
+    (a gloo group left alive could abort a rank at exit: "terminate called without an active
+    exception", seen once in CI after a finished run)."""
     if not dist.is_available():
         raise RuntimeError("torch.distributed is not available in this build of torch")
     if dist.is_initialized():
@@ -74,7 +77,17 @@ def init_distributed(backend: Optional[str] = None, *, device: Optional[torch.de
         raise ValueError(f"init_distributed: expected the torchrun environment variables, missing {missing}; "
                          "run under torchrun or call torch.distributed.init_process_group yourself")
     dist.init_process_group(backend or default_backend(device), timeout=datetime.timedelta(seconds=timeout_s))
+    atexit.register(_destroy_own_group)
     return world()
+
+
+def _destroy_own_group() -> None:
+    """At exit: destroy the process group :func:`init_distributed` made, if the script did not."""
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # pragma: no cover - a group already torn down by the launcher
+            pass
 
 
 def shard_loader(loader: DataLoader, rank: int, world_size: int, *, seed: int = 0) -> DataLoader:
