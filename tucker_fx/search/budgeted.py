@@ -10,9 +10,11 @@ whole-model ratio, not a rank rule. :func:`budgeted_plan` answers it in four ste
    :data:`SEARCH_BATCHES` calibration batches, else the example inputs). The approximation is the one
    the rewrite will build: data-aware when ``config.data_aware``.
 3. **Cost.** MACs or params from the cost formulas; for a speed target, the median time of the
-   option's block (and of the original layer) at the layer's real input shape, with the kernels the
-   last pass would give it (:class:`~tucker_fx.passes.fast_kernels.UseFastKernels`); the rest of
-   the network's time is the model's measured time minus its layers'.
+   option's block (and of the original layer) at the layer's real input shape, lowered as the
+   pipeline's cost model lowers it (a block as ``lower_blocks`` picks, the layer left alone as
+   ``lower_kept_convs`` picks: FFT for THETIS's 5x11x11 conv) and with the kernels the last pass
+   would give it (:class:`~tucker_fx.passes.fast_kernels.UseFastKernels`); the rest of the
+   network's time is the model's measured time minus its layers'.
 4. **Allocation and check.** :func:`~tucker_fx.planning.budget.allocate` picks one option per layer
    within the budget (Lagrangian + greedy); for a speed target :func:`budgeted_plan` builds the model,
    times it against the original and, if the target is missed (or overshot by over
