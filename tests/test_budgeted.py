@@ -611,18 +611,26 @@ def test_target_speedup_runs_the_measured_search() -> None:
     torch.manual_seed(0)
     net = ConvStack3d().eval()
     x = torch.randn(1, 16, 8, 24, 24)
-    # the premise: compression can speed this net up at all (rank 0.25 measured ~x9 on 1 core)
+    # the premise: decomposing speeds this net up beyond what lowering its convs alone does (lowering
+    # alone measured ~x5 against ATen's convs, rank 0.25 ~x9, on 1 core); the target lies between the
+    # two, so the search must decompose (a target that lowering alone meets is met leaving every layer
+    # alone, with no loss: that is the right answer, not this test's)
     quarter = compress_quiet(net, x, config=TuckerConfig(rank=0.25, **QUIET))
-    samples = compare_samples({"original": lambda: net(x), "rank 0.25": lambda: quarter.module(x)}, repeats=5)
-    premise = statistics.median(samples["original"]) / statistics.median(samples["rank 0.25"])
-    print(f"\n[ConvStack3d 16x8x24x24] rank 0.25: FLOPs x{quarter.flops_ratio:.2f}, measured x{premise:.2f}")
-    assert premise >= 2.0, samples
+    lowered = tucker_fx.lower(net, x)
+    samples = compare_samples({"original": lambda: net(x), "lowered": lambda: lowered(x),
+                               "rank 0.25": lambda: quarter.module(x)}, repeats=5)
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    premise, alone = med["original"] / med["rank 0.25"], med["original"] / med["lowered"]
+    print(f"\n[ConvStack3d 16x8x24x24] rank 0.25: FLOPs x{quarter.flops_ratio:.2f}, measured x{premise:.2f}; "
+          f"lowering alone x{alone:.2f}")
+    assert premise >= 1.5 * alone, samples
+    target = round((premise + alone) / 2, 2)
 
-    r = compress_quiet(net, x, config=TuckerConfig(target_speedup=5.0, progress=False), calibration=[x])
+    r = compress_quiet(net, x, config=TuckerConfig(target_speedup=target, progress=False), calibration=[x])
     assert r.search is not None and r.search.target == "target_speedup" and r.search.unit == "ms"
     rounds = r.search.rounds
     assert 1 <= len(rounds) <= 3 and all("measured_ratio" in row for row in rounds)
-    print(f"[ConvStack3d, target_speedup=5] rounds {rounds}; speed check {r.timing and r.timing['speedup']:.2f}; "
+    print(f"[ConvStack3d, target_speedup={target}] rounds {rounds}; speed check {r.timing and r.timing['speedup']:.2f}; "
           f"search {r.search.seconds:.1f} s; plan\n{r.plan}")
     assert rounds[-1]["measured_ratio"] > 1.0
     assert r.plan.applied
