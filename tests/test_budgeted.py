@@ -587,6 +587,11 @@ def test_speed_search_times_each_option_lowered_as_the_pipeline_will(monkeypatch
     kinds = [type(m[0]).__name__ for m in timed]
     assert kinds[0] == "FFTConv", kinds  # the layer left alone, as lower_kept_convs runs it
     assert all(isinstance(m[0], (FFTConv, TuckerFFTConv)) for m in timed), kinds  # every option: FFT here
+    # lowering="none": neither lowering stage runs, so the options are timed as the plain modules
+    timed.clear()
+    compress_quiet(net, x, config=TuckerConfig(target_speedup=1.5, exclude=("2",), lowering="none", **QUIET),
+                   calibration=[x])
+    assert timed and not any(isinstance(m[0], (FFTConv, TuckerFFTConv)) for m in timed), [type(m[0]) for m in timed]
 
 
 class ConvStack3d(nn.Module):

@@ -133,7 +133,7 @@ def _pointwise_parts(parts: tuple[Tensor, ...], weight: Tensor, bias: Optional[T
     if channels != weight.shape[1]:
         raise ValueError(f"PointwiseConv: the parts have {channels} channels together, the weight expects "
                          f"{weight.shape[1]}")
-    if (parts[0].shape[0] != 1 or torch.compiler.is_compiling() or any(_is_channels_last(p) for p in parts)
+    if (torch.compiler.is_compiling() or any(_is_channels_last(p) for p in parts)
             or any(p.shape[0] != 1 or p.shape[2:] != parts[0].shape[2:] for p in parts)):
         return _pointwise(torch.cat(parts, 1), weight, bias, stride)  # inductor fuses the cat itself
     if any(s != 1 for s in stride):

@@ -49,7 +49,8 @@ from tucker_fx.planning.plan import LayerPlan, Plan
 from tucker_fx.tuning.cache import TimingCache, device_key
 from tucker_fx.tuning.cost_model import direct_conv_seconds, fft_conv_seconds
 
-__all__ = ["LowerBlocks", "LowerConvs", "LowerMaxPools", "block_candidates", "conv_candidates", "LOWERINGS"]
+__all__ = ["LowerBlocks", "LowerConvs", "LowerMaxPools", "block_candidates", "conv_candidates", "cost_model_block_pick",
+           "cost_model_conv_pick", "LOWERINGS"]
 
 LOWERINGS = ("direct", "direct_channels_last", "fft", "fft_mix_last", "absorbed", "fused", "original")
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -229,7 +230,9 @@ def cost_model_conv_pick(conv: nn.Module, x_shape: tuple[int, ...], out_shape: t
     return min(times, key=times.__getitem__), times
 
 
-def _cost_model_pick(block: TuckerBlock, x_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> tuple[str, dict[str, float]]:
+def cost_model_block_pick(block: TuckerBlock, x_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> tuple[str, dict[str, float]]:
+    """The variant of ``block`` that the cost model predicts fastest at these shapes (what
+    :class:`LowerBlocks` picks without ``tune``), and its estimates in ms."""
     core = block.core
     if isinstance(core, nn.Linear):
         return "fused", {}  # same products, less dispatch (measured faster than the module chain)
@@ -350,7 +353,7 @@ class LowerBlocks:
                         winner = best  # noise next to the size gained, or timings a busy machine cannot back
             else:
                 out_shape = tuple(chain[-1].meta["tensor_meta"].shape)
-                winner, times = _cost_model_pick(block, tuple(x.shape), out_shape)
+                winner, times = cost_model_block_pick(block, tuple(x.shape), out_shape)
                 winner = winner if winner in cands else "direct"
                 source = "cost model"
             entry.lowering, entry.timings_ms, entry.lowering_source = winner, dict(times), source

@@ -62,10 +62,9 @@ from tucker_fx.analysis.shapes import propagate_shapes
 from tucker_fx.analysis.sites import Site
 from tucker_fx.config import TuckerConfig
 from tucker_fx.errors import TargetNotMetWarning
-from tucker_fx.passes.blocks import build_block, data_aware_inputs
-from tucker_fx.passes.blocks import TuckerBlock
+from tucker_fx.passes.blocks import TuckerBlock, build_block, data_aware_inputs
 from tucker_fx.passes.fast_kernels import UseFastKernels
-from tucker_fx.passes.lowering import _cost_model_pick, block_candidates, conv_candidates, cost_model_conv_pick
+from tucker_fx.passes.lowering import block_candidates, conv_candidates, cost_model_block_pick, cost_model_conv_pick
 from tucker_fx.passes.tucker_rewrite import original_module
 from tucker_fx.planning.budget import Allocation, Option, allocate, budget_for
 from tucker_fx.planning.plan import LayerPlan, Plan
@@ -193,14 +192,17 @@ def _layer_input(gm: fx.GraphModule, entry: LayerPlan, site: Site) -> Optional[t
     return torch.randn(tuple(meta.shape), dtype=meta.dtype, device=w.device)
 
 
-def _as_lowered(module: nn.Module, x: torch.Tensor) -> nn.Module:
+def _as_lowered(module: nn.Module, x: torch.Tensor, config: TuckerConfig) -> nn.Module:
     """``module`` (a Tucker block, or a layer left alone) as the pipeline's cost-model lowering would run it
     at input ``x``: a block as :class:`~tucker_fx.passes.lowering.LowerBlocks` picks, a plain conv as
-    ``lower_kept_convs`` picks (FFT for THETIS's 5x11x11 conv: 105 ms direct, 14 ms as FFT)."""
+    ``lower_kept_convs`` picks (FFT for THETIS's 5x11x11 conv: 105 ms direct, 14 ms as FFT); as it is
+    with ``lowering="none"``, where neither stage runs."""
+    if config.lowering != "auto":
+        return module
     with torch.no_grad():
         out_shape = tuple(module(x).shape)
     if isinstance(module, TuckerBlock):
-        winner, _ = _cost_model_pick(module, tuple(x.shape), out_shape)
+        winner, _ = cost_model_block_pick(module, tuple(x.shape), out_shape)
         return block_candidates(module, None).get(winner, module)
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and module.groups == 1:
         winner, _ = cost_model_conv_pick(module, tuple(x.shape), out_shape)
@@ -221,12 +223,12 @@ def measure_layer_times(gm: fx.GraphModule, entry: LayerPlan, config: TuckerConf
     if entry.as_conv:
         original = nn.Sequential(nn.Flatten(1), original)
     else:
-        original = _as_lowered(original, x)
+        original = _as_lowered(original, x, config)
     fns: dict[Optional[tuple[int, ...]], Callable[[], Any]] = {}
     mods = {None: _fast(nn.Sequential(original), x)}  # traced as a module call, so the pass sees the conv
     for ranks in ranks_list:
         block = option_block(gm, entry, ranks, None, data_aware=False, hooi_iters=0)
-        mods[ranks] = _fast(nn.Sequential(_as_lowered(block, x)), x)
+        mods[ranks] = _fast(nn.Sequential(_as_lowered(block, x, config)), x)
     for key, mod in mods.items():
         fns[key] = (lambda m: (lambda: m(x)))(mod)
     samples = compare_samples({str(k): f for k, f in fns.items()}, repeats=TIMING_REPEATS)
