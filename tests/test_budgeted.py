@@ -615,6 +615,15 @@ def test_target_speedup_runs_the_measured_search() -> None:
 
     torch.manual_seed(0)
     net = ConvStack3d().eval()
+    # weights of exact multilinear rank 16 at both channel modes: a choice at rank >= 16 loses nothing, so
+    # the search (which pays loss only where the budget needs it) must give a model equal to the original;
+    # on random full-rank weights any rank-16 model is ~100% off, and that proves nothing either way
+    with torch.no_grad():
+        for conv in (net.conv1, net.conv2, net.conv3):
+            out_c, in_c = conv.weight.shape[:2]
+            core = torch.randn(16, min(16, in_c), 3, 3, 3)
+            u, v = torch.randn(out_c, 16), torch.randn(in_c, min(16, in_c))
+            conv.weight.copy_(torch.einsum("abxyz,oa,ib->oixyz", core, u, v) / (16 * 27) ** 0.5 / in_c ** 0.5)
     x = torch.randn(1, 16, 8, 24, 24)
     # the premise: decomposing speeds this net up beyond what lowering its convs alone does (lowering
     # alone measured ~x5 against ATen's convs, rank 0.25 ~x9, on 1 core); the target lies between the
@@ -644,5 +653,7 @@ def test_target_speedup_runs_the_measured_search() -> None:
         assert e.budget_cost is not None and e.budget_cost > 0
         assert e.measured_cost is not None and e.measured_cost > 0
     assert any("measured x" in n for n in r.plan.notes)
+    for e in r.plan.applied:
+        assert min(e.ranks) >= 16, (e.target, e.ranks)  # lower ranks cost loss, and the target did not need them
     with torch.no_grad():
-        assert zoo.rel_error(net(x), r.module(x)) < 1.0
+        assert zoo.rel_error(net(x), r.module(x)) < 1e-3
