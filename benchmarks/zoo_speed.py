@@ -77,8 +77,11 @@ def _without_stages(names: list[str]) -> Callable[[], None]:
     from tucker_fx.passes.cat_pointwise import CatIntoPointwise
     from tucker_fx.passes.fast_kernels import UseFastKernels
     from tucker_fx.passes.inplace import WriteInPlace
+    from tucker_fx.passes.norm_fold import FoldNormIntoPointwise
+    from tucker_fx.passes.workspace import PlanWorkspace
     from tucker_fx.passes.runner import PassResult
-    classes = {"fast_kernels": UseFastKernels, "cat_into_pointwise": CatIntoPointwise, "write_in_place": WriteInPlace}
+    classes = {"fast_kernels": UseFastKernels, "cat_into_pointwise": CatIntoPointwise, "write_in_place": WriteInPlace,
+               "fold_norm_into_pointwise": FoldNormIntoPointwise, "plan_workspace": PlanWorkspace}
     unknown = [n for n in names if n not in classes]
     if unknown:
         raise SystemExit(f"--ablate: unknown stage(s) {unknown}; expected some of {sorted(classes)}")

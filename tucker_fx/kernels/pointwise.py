@@ -42,6 +42,7 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
 from tucker_fx.kernels import ops as _ops  # noqa: F401  (registers torch.ops.tucker_fx.*)
+from tucker_fx.kernels.workspace import WORKSPACE_ATTR, workspace_out
 
 __all__ = ["PointwiseConv", "MixParts", "MkldnnConv", "is_pointwise", "mkldnn_eligible"]
 
@@ -64,7 +65,8 @@ def mkldnn_eligible(conv: nn.Module) -> bool:
 
 
 @torch.fx.wrap
-def _pointwise(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: tuple[int, ...]) -> Tensor:
+def _pointwise(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: tuple[int, ...],
+               out: Optional[Tensor] = None) -> Tensor:
     # one node for torch.fx.symbolic_trace: the branches read the input's layout
     fmt = _CHANNELS_LAST.get(x.dim())
     channels_last = fmt is not None and not x.is_contiguous() and x.is_contiguous(memory_format=fmt)
@@ -81,6 +83,10 @@ def _pointwise(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: tuple[
     if n == 1 and not torch.compiler.is_compiling():
         # (R, C) @ (C, positions): torch.matmul would fold a batched (1, C, P) operand the other way
         # round and copy it transposed (measured: that copy was ~40% of a compressed ResNet3d-18)
+        if out is not None:  # a reused buffer (kernels.workspace): no fresh pages to fault in
+            rows = out.view(w.shape[0], -1)
+            torch.mm(w, cols[0], out=rows) if bias is None else torch.addmm(bias.reshape(-1, 1), w, cols[0], out=rows)
+            return out.view(1, w.shape[0], *spatial)
         y = torch.mm(w, cols[0]) if bias is None else torch.addmm(bias.reshape(-1, 1), w, cols[0])
         return y.reshape(1, w.shape[0], *spatial)
     y = torch.bmm(w.unsqueeze(0).expand(n, -1, -1), cols)
@@ -111,9 +117,15 @@ class PointwiseConv(nn.Module):
 
     def forward(self, x: Tensor, *more: Tensor) -> Tensor:
         """The product on ``x``, or on ``torch.cat((x, *more), 1)`` when ``more`` are given."""
+        out = workspace_out(self, self._out_shape(x, more), x, self.weight, self.bias) if self.__dict__.get(
+            WORKSPACE_ATTR) is not None else None
         if more:
-            return _pointwise_parts((x, *more), self.weight, self.bias, self.stride)
-        return _pointwise(x, self.weight, self.bias, self.stride)
+            return _pointwise_parts((x, *more), self.weight, self.bias, self.stride, out)
+        return _pointwise(x, self.weight, self.bias, self.stride, out)
+
+    def _out_shape(self, x: Tensor, more: tuple[Tensor, ...]) -> tuple[int, ...]:
+        spatial = tuple(-(-int(d) // s) for d, s in zip(x.shape[2:], self.stride))
+        return (int(x.shape[0]), int(self.weight.shape[0])) + spatial
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[1]}, {self.weight.shape[0]}, stride={self.stride}, bias={self.bias is not None}"
@@ -126,7 +138,7 @@ def _is_channels_last(x: Tensor) -> bool:
 
 @torch.fx.wrap
 def _pointwise_parts(parts: tuple[Tensor, ...], weight: Tensor, bias: Optional[Tensor],
-                     stride: tuple[int, ...]) -> Tensor:
+                     stride: tuple[int, ...], out: Optional[Tensor] = None) -> Tensor:
     # the 1x1 conv of torch.cat(parts, 1), summed part by part: the concatenation (a full copy of both
     # maps, measured 40 ms for 2 x 32 x 64^3 of which most is page faults) is never built
     channels = sum(p.shape[1] for p in parts)
@@ -146,7 +158,10 @@ def _pointwise_parts(parts: tuple[Tensor, ...], weight: Tensor, bias: Optional[T
         c = p.shape[1]
         wp, cols = w[:, start:start + c], p.reshape(c, -1)
         start += c
-        if y is None:
+        if y is None and out is not None:  # a reused buffer (kernels.workspace)
+            y = out.view(w.shape[0], -1)
+            torch.mm(wp, cols, out=y) if bias is None else torch.addmm(bias.reshape(-1, 1), wp, cols, out=y)
+        elif y is None:
             y = torch.mm(wp, cols) if bias is None else torch.addmm(bias.reshape(-1, 1), wp, cols)
         else:
             y = y.addmm_(wp, cols)  # into the fresh product: the backward of mm needs its inputs, not y
@@ -184,8 +199,10 @@ class MixParts(nn.Module):
         if base.shape[1] != self.weight.shape[0]:
             raise ValueError(f"MixParts: part {self.keep} has {base.shape[1]} channels, the output {self.weight.shape[0]}")
         ones = (1,) * (self.weight.dim() - 2)
-        mixed = (_pointwise_parts(others, self.weight, self.bias, ones) if len(others) > 1
-                 else _pointwise(others[0], self.weight, self.bias, ones))
+        out = workspace_out(self, tuple(base.shape), base, self.weight, self.bias) if self.__dict__.get(
+            WORKSPACE_ATTR) is not None else None
+        mixed = (_pointwise_parts(others, self.weight, self.bias, ones, out) if len(others) > 1
+                 else _pointwise(others[0], self.weight, self.bias, ones, out))
         if torch.is_grad_enabled() or torch.compiler.is_compiling() or mixed.shape != base.shape:
             return base + mixed
         return mixed.add_(base)  # into the fresh product

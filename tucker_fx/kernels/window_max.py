@@ -1,9 +1,13 @@
 """Non-overlapping max pooling as a chain of reshapes and ``amax``: one spatial dim at a time.
 
 ``MaxPool3d((2, 4, 4))`` after the paper's first layer pools a 6 x 28 x 120 x 160 map. On CPU
-``max_pool3d`` always computes the argmax indices too and walks each window in turn; reducing
-the last dim first (a contiguous inner reduction that shrinks the data 4x), then the next,
-measured 3.7 ms against 6.3 ms here (batch 1). Same result, bit for bit: a max is exact.
+``max_pool3d`` always computes the argmax indices too and walks each window in turn. Here the
+outer dim is reduced first: its windows are whole contiguous slabs, so a window of 2 is one
+vectorised ``torch.maximum`` of two slabs, and the data shrinks before the inner dims, whose
+windows are short strided runs, are reduced. Measured one thread, batch 1 (max_pool3d / the
+earlier inner-dim-first order / this): 2x2x2 on 32 x 64^3 72.2 / 48.3 / 14.7 ms, on 64 x 32^3
+17.5 / 9.5 / 1.4 ms; the paper's 2x4x4 16.7 / 15.4 / 6.1 ms. Same result, bit for bit: a max is
+exact.
 
 Only for windows that do not overlap and have no padding or dilation (``stride ==
 kernel_size``); trailing samples that do not fill a window are dropped, as ``ceil_mode=False``
@@ -48,10 +52,13 @@ class WindowMax(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         n = len(self.kernel_size)
-        for i in reversed(range(n)):  # last dim first: the inner, contiguous reduction
+        for i in range(n):  # outer dim first: whole contiguous slabs (see the module docstring)
             dim, k = x.dim() - n + i, self.kernel_size[i]
+            if k == 1:
+                continue
             windows = x.shape[dim] // k
-            x = x.narrow(dim, 0, windows * k).unflatten(dim, (windows, k)).amax(dim + 1)
+            x = x.narrow(dim, 0, windows * k).unflatten(dim, (windows, k))
+            x = torch.maximum(x.select(dim + 1, 0), x.select(dim + 1, 1)) if k == 2 else x.amax(dim + 1)
         return x
 
     def extra_repr(self) -> str:

@@ -39,7 +39,7 @@ Example:
     >>> run = pipeline_run(TuckerConfig(tuning_cache=False), (x,), holds=())
     >>> gm = run.run(torch.fx.symbolic_trace(net), LOWER)
     >>> run.ran
-    ['fold_batchnorm', 'lower_convs', 'pool_before_activation', 'lower_max_pools', 'merge_linear', 'drop_noop_pads', 'separable_interpolate', 'fast_kernels', 'cat_into_pointwise', 'write_in_place']
+    ['fold_batchnorm', 'lower_convs', 'pool_before_activation', 'lower_max_pools', 'merge_linear', 'drop_noop_pads', 'separable_interpolate', 'fast_kernels', 'cat_into_pointwise', 'fold_norm_into_pointwise', 'write_in_place', 'plan_workspace']
     >>> bool(torch.allclose(gm(x), net(x), atol=1e-6))
     True
 """
@@ -59,16 +59,18 @@ from tucker_fx.passes.inplace import WriteInPlace
 from tucker_fx.passes.lowering import LowerBlocks, LowerConvs, LowerMaxPools
 from tucker_fx.passes.merge_linear import MergeLinear
 from tucker_fx.passes.noop_pads import DropNoOpPads
+from tucker_fx.passes.norm_fold import FoldNormIntoPointwise
 from tucker_fx.passes.resample import UseSeparableInterpolate
 from tucker_fx.passes.pool_first import PoolBeforeActivation
 from tucker_fx.passes.runner import Fact, PipelineRun, Stage, StageContext, check_stages
 from tucker_fx.passes.tucker_rewrite import TuckerRewrite
+from tucker_fx.passes.workspace import PlanWorkspace
 
 __all__ = [
     "SHAPES", "SITES", "PLAN", "ORIGINALS", "FACTS",
     "FOLD_BN", "REWRITE", "LOWER_BLOCKS", "POOL_FIRST", "LOWER_MAX_POOLS", "MERGE", "LOWER_CONVS", "DROP_PADS",
     "SEPARABLE_INTERPOLATE",
-    "FAST_KERNELS",
+    "FAST_KERNELS", "CAT_INTO_POINTWISE", "FOLD_NORMS", "WRITE_IN_PLACE", "PLAN_WORKSPACE",
     "PREPARE", "DECOMPOSE", "COMPRESS", "LOWER", "pipeline_run",
 ]
 
@@ -137,8 +139,16 @@ def _cat_into_pointwise(ctx: StageContext) -> Optional[CatIntoPointwise]:
     return CatIntoPointwise() if _lowering(ctx.config) else None
 
 
+def _fold_norms(ctx: StageContext) -> Optional[FoldNormIntoPointwise]:
+    return FoldNormIntoPointwise() if _lowering(ctx.config) else None
+
+
 def _write_in_place(ctx: StageContext) -> Optional[WriteInPlace]:
     return WriteInPlace() if _lowering(ctx.config) else None
+
+
+def _plan_workspace(ctx: StageContext) -> Optional[PlanWorkspace]:
+    return PlanWorkspace() if _lowering(ctx.config) else None
 
 
 def _lower_convs(ctx: StageContext) -> Optional[LowerConvs]:
@@ -190,19 +200,28 @@ CAT_INTO_POINTWISE = Stage("cat_into_pointwise", _cat_into_pointwise, requires=(
                            doc="a channel cat read only by 1x1 convs is not built: they take its parts "
                                "(config.lowering='auto')")
 
+FOLD_NORMS = Stage("fold_norm_into_pointwise", _fold_norms, invalidates=(SITES,),
+                   doc="a GroupNorm/InstanceNorm after a widening 1x1 conv computed from the conv's input "
+                       "(config.lowering='auto'); keeps tensor_meta")
 WRITE_IN_PLACE = Stage("write_in_place", _write_in_place, invalidates=(SITES,),
                        doc="InstanceNorms and adds write into a buffer only they read "
                            "(config.lowering='auto'); keeps tensor_meta")
 
+PLAN_WORKSPACE = Stage("plan_workspace", _plan_workspace, requires=(SHAPES,),
+                       doc="the large maps of the 1x1 kernels written into buffers reused from call to call, "
+                           "shared between maps never alive together (config.lowering='auto'); the graph is unchanged")
+
 PREPARE: tuple[Stage, ...] = (FOLD_BN,)
 """Before planning: the planner sees the folded layers."""
 DECOMPOSE: tuple[Stage, ...] = (REWRITE, LOWER_BLOCKS, LOWER_KEPT_CONVS, POOL_FIRST, LOWER_MAX_POOLS, MERGE, DROP_PADS, SEPARABLE_INTERPOLATE,
-                                  FAST_KERNELS, CAT_INTO_POINTWISE, WRITE_IN_PLACE)
+                                  FAST_KERNELS, CAT_INTO_POINTWISE, FOLD_NORMS, WRITE_IN_PLACE,
+                                  PLAN_WORKSPACE)
 """After planning (requires the plan in ``gm.meta``)."""
 COMPRESS: tuple[Stage, ...] = PREPARE + DECOMPOSE
 """``compress`` and ``apply_plan``: :data:`PREPARE`, planning, :data:`DECOMPOSE`."""
 LOWER: tuple[Stage, ...] = PREPARE + (LOWER_CONVS, POOL_FIRST, LOWER_MAX_POOLS, MERGE, DROP_PADS, SEPARABLE_INTERPOLATE,
-                                  FAST_KERNELS, CAT_INTO_POINTWISE, WRITE_IN_PLACE)
+                                  FAST_KERNELS, CAT_INTO_POINTWISE, FOLD_NORMS, WRITE_IN_PLACE,
+                                  PLAN_WORKSPACE)
 """``lower``: the same lowering passes on the undecomposed model."""
 
 _ANALYSED = (SHAPES, SITES)  # what a freshly analysed capture holds

@@ -1,0 +1,143 @@
+"""Graph pass: large maps made by the package's 1x1 kernels are written into reused buffers.
+
+See :mod:`tucker_fx.kernels.workspace` for why (page faults on every fresh allocation of 32 MB or
+more). This pass plans the buffers, as a compiler plans memory:
+
+1. the candidates are the nodes of :class:`~tucker_fx.kernels.pointwise.PointwiseConv`,
+   :class:`~tucker_fx.kernels.pointwise.MixParts` and :class:`~tucker_fx.kernels.norm_fold.NormedPointwise`
+   (each called at one place in the graph) whose result is at least ``min_bytes``;
+2. a candidate's value lives until the last reader of it or of anything that writes into it in place
+   (an in-place norm, activation or add, found by ``passes.inplace``); every reader must be an op known
+   to return a new tensor or to write in place, so that no view of the buffer can outlive that reader,
+   and none may be the graph's output (a value the caller keeps must be a tensor of its own);
+3. values whose lives do not overlap share a slot (greedy, in graph order), so the buffers held
+   between calls are about the largest set of these maps alive at one time, not their sum.
+
+The modules get the :class:`~tucker_fx.kernels.workspace.Workspace` and their slot as attributes
+(``_tucker_workspace``, ``_tucker_slot``): the graph and the state dict do not change. Exact: the
+same products, written elsewhere.
+
+Example:
+    >>> import torch, torch.nn as nn
+    >>> from tucker_fx.kernels.pointwise import PointwiseConv
+    >>> from tucker_fx.passes.workspace import PlanWorkspace
+    >>> from tucker_fx.kernels.workspace import SLOT_ATTR
+    >>> net = nn.Sequential(nn.Conv3d(4, 16, 1), nn.ReLU(inplace=True), nn.Conv3d(16, 16, 1)).eval()
+    >>> gm = torch.fx.symbolic_trace(net)
+    >>> for name in ("0", "2"):
+    ...     setattr(gm, name, PointwiseConv.from_conv(net.get_submodule(name)))
+    >>> x = torch.randn(1, 4, 8, 8, 8)
+    >>> ref = gm(x)
+    >>> from tucker_fx.analysis.shapes import propagate_shapes
+    >>> _ = propagate_shapes(gm, (x,))  # the pass reads node.meta["tensor_meta"]
+    >>> PlanWorkspace(min_bytes=0)(gm).modified  # "0" (and the ReLU in place) gets a slot; "2" is the output
+    True
+    >>> getattr(gm.get_submodule("0"), SLOT_ATTR), hasattr(gm.get_submodule("2"), SLOT_ATTR)
+    (0, False)
+    >>> with torch.no_grad():
+    ...     bool(torch.equal(gm(x), ref)), bool(torch.equal(gm(x), ref))
+    (True, True)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch.fx as fx
+
+from tucker_fx._internal.meta import NOTES_KEY
+from tucker_fx.kernels.norm_fold import NormedPointwise
+from tucker_fx.kernels.pointwise import MixParts, PointwiseConv
+from tucker_fx.kernels.workspace import SLOT_ATTR, WORKSPACE_ATTR, Workspace
+from tucker_fx.passes.inplace import returns_new_buffer, writes_into_input
+from tucker_fx.passes.runner import PassResult
+
+__all__ = ["PlanWorkspace", "MIN_BYTES"]
+
+MIN_BYTES = 1 << 20
+"""Maps smaller than this (1 MiB) come from the heap anyway: not worth holding between calls."""
+
+_KERNELS = (PointwiseConv, MixParts, NormedPointwise)
+
+
+def _bytes(node: fx.Node) -> Optional[int]:
+    meta = node.meta.get("tensor_meta")
+    shape, dtype = getattr(meta, "shape", None), getattr(meta, "dtype", None)
+    if shape is None or dtype is None:
+        return None
+    return math.prod(int(s) for s in shape) * dtype.itemsize
+
+
+def _last_use(gm: fx.GraphModule, node: fx.Node, order: dict[fx.Node, int]) -> Optional[int]:
+    """Where ``node``'s buffer is last read, following in-place writers of it; None where a reader
+    might keep a view of it (unknown op) or the graph returns it."""
+    last, todo, seen = order[node], [node], {node}
+    while todo:
+        value = todo.pop()
+        for user in value.users:
+            if user.op == "output":
+                return None
+            last = max(last, order[user])
+            if writes_into_input(gm, user):
+                if user.args and user.args[0] is value and user not in seen:
+                    seen.add(user)
+                    todo.append(user)  # its result is this buffer
+                # else it reads this value into its own first argument's buffer: a reader
+            elif not returns_new_buffer(gm, user):
+                return None
+    return last
+
+
+@dataclass
+class PlanWorkspace:
+    """Buffers reused from call to call for the large maps of the 1x1 kernels (see the module docstring)."""
+
+    min_bytes: int = MIN_BYTES
+    name: str = "plan_workspace"
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        sites: dict[str, int] = {}
+        for node in gm.graph.nodes:
+            if node.op == "call_module":
+                sites[str(node.target)] = sites.get(str(node.target), 0) + 1
+        lives: list[tuple[fx.Node, int, int]] = []
+        for node in gm.graph.nodes:
+            if node.op != "call_module" or sites[str(node.target)] != 1:
+                continue
+            if not isinstance(gm.get_submodule(str(node.target)), _KERNELS):
+                continue
+            size = _bytes(node)
+            if size is None or size < self.min_bytes:
+                continue
+            last = _last_use(gm, node, order)
+            if last is not None:
+                lives.append((node, last, size))
+        if not lives:
+            return PassResult(gm, False)
+        workspace = Workspace()
+        slot_free_after: list[int] = []  # per slot: the position after which it is free again
+        slot_bytes: list[int] = []
+        for node, last, size in lives:
+            free = [s for s, end in enumerate(slot_free_after) if end < order[node]]
+            # the free slot closest in size above, else the largest free one (it grows), else a new one
+            fits = [s for s in free if slot_bytes[s] >= size]
+            if fits:
+                slot = min(fits, key=lambda s: slot_bytes[s])
+            elif free:
+                slot = max(free, key=lambda s: slot_bytes[s])
+            else:
+                slot = len(slot_free_after)
+                slot_free_after.append(0)
+                slot_bytes.append(0)
+            slot_free_after[slot], slot_bytes[slot] = last, max(slot_bytes[slot], size)
+            module = gm.get_submodule(str(node.target))
+            setattr(module, WORKSPACE_ATTR, workspace)
+            setattr(module, SLOT_ATTR, slot)
+        total, held = sum(size for _, _, size in lives), sum(slot_bytes)
+        gm.meta.setdefault(NOTES_KEY, []).append(
+            f"{len(lives)} maps of the 1x1 kernels ({total / 2**20:.0f} MiB a call) written into {len(slot_bytes)} "
+            f"reused buffers ({held / 2**20:.0f} MiB held between calls)")
+        return PassResult(gm, True)
