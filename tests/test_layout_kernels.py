@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from tucker_fx.analysis.shapes import propagate_shapes
 from tucker_fx.kernels.conv_transpose import PatchConvTranspose, is_patch_conv_transpose
-from tucker_fx.kernels.max_pool import ChannelsLastMaxPool
+from tucker_fx.kernels.max_pool import ChannelsLastMaxPool, MaxPoolSpec, SeparableMaxPool, separable_eligible
 from tucker_fx.passes.fast_kernels import UseFastKernels
 from tucker_fx.passes.lowering import LowerMaxPools
 
@@ -25,6 +25,56 @@ def test_channels_last_max_pool_is_exact(kernel, stride, padding, dilation, ceil
     ref = F.max_pool3d(x, kernel, stride, padding, dilation, ceil)
     out = ChannelsLastMaxPool(kernel, stride, padding, dilation, ceil)(x)
     assert torch.equal(out, ref) and out.is_contiguous()
+
+
+@pytest.mark.parametrize("kernel,stride,padding", [
+    (3, 2, 1), (3, 1, 1), (2, 1, 1), (3, 2, 0), (2, 2, 0), (4, 3, 2), (5, 1, 2), (1, 1, 0), (1, 2, 0),
+    ((1, 3, 3), (1, 2, 2), (0, 1, 1)), ((2, 3, 4), (1, 2, 3), (1, 1, 2)), ((3, 1, 2), (2, 1, 2), (1, 0, 1)),
+])
+@pytest.mark.parametrize("shape", [(2, 5, 9, 10, 11), (5, 7, 8, 9), (1, 3, 4, 4, 5)])
+def test_separable_max_pool_is_exact(kernel, stride, padding, shape):
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    x.view(-1)[37] = float("nan")  # propagated like max_pool3d
+    x[..., 0, 0, 0] = float("-inf")
+    ref = F.max_pool3d(x, kernel, stride, padding)
+    out = SeparableMaxPool(kernel, stride, padding)(x)
+    assert out.shape == ref.shape and torch.equal(out.isnan(), ref.isnan())
+    assert torch.equal(out.nan_to_num(0.0), ref.nan_to_num(0.0)) and out.is_contiguous()
+
+
+def test_separable_max_pool_never_writes_its_input_and_refuses_bad_geometry():
+    x = torch.randn(1, 2, 6, 6, 6)
+    kept = x.clone()
+    SeparableMaxPool(3, 1, 1)(x)  # stride 1: one offset covers the whole axis, the others only parts
+    assert torch.equal(x, kept)
+    with pytest.raises(ValueError, match="at most half"):
+        SeparableMaxPool(3, 1, 2)
+    with pytest.raises(ValueError, match="dilation 1"):
+        SeparableMaxPool.from_spec(MaxPoolSpec((3, 3, 3), (2, 2, 2), (1, 1, 1), (2, 2, 2)))
+    assert not separable_eligible(MaxPoolSpec((3, 3, 3), (2, 2, 2), ceil_mode=True))
+    with pytest.raises(ValueError, match="expected a"):
+        SeparableMaxPool(3)(torch.randn(4, 5, 6))
+
+
+def test_separable_max_pool_gradient_reaches_the_maxima():
+    torch.manual_seed(1)
+    x = torch.randn(1, 2, 7, 7, 7, requires_grad=True)
+    SeparableMaxPool(3, 2, 1)(x).sum().backward()
+    g = x.grad.clone()
+    x.grad = None
+    F.max_pool3d(x, 3, 2, 1).sum().backward()
+    torch.testing.assert_close(g, x.grad)  # no ties in random data: the same routing
+
+
+def test_small_pools_keep_the_channels_last_kernel():
+    net = nn.Sequential(nn.MaxPool3d(3, 2, 1)).eval()
+    x = torch.randn(1, 4, 8, 8, 8)  # 2^11 values: three passes' overhead would lose
+    gm = torch.fx.symbolic_trace(net)
+    propagate_shapes(gm, (x,))
+    LowerMaxPools(tune=False)(gm)
+    assert isinstance(gm.get_submodule("0"), ChannelsLastMaxPool)
+    assert torch.equal(gm(x), net(x))
 
 
 @pytest.mark.parametrize("dims", [1, 2, 3])
@@ -79,7 +129,8 @@ def test_passes_replace_modules_calls_and_aten(capture):
     LowerMaxPools(tune=False)(gm)
     UseFastKernels()(gm)
     kinds = {type(m).__name__ for m in gm.modules()}
-    assert {"ChannelsLastMaxPool", "WindowMax", "PatchConvTranspose"} <= kinds, kinds
+    # 8 x 64^3 inputs: the overlapping pools run as separable maxima, the tiling one as WindowMax
+    assert {"SeparableMaxPool", "WindowMax", "PatchConvTranspose"} <= kinds, kinds
     assert not any(n.op == "call_function" and "max_pool" in str(n.target) for n in gm.graph.nodes)
     torch.testing.assert_close(gm(x), ref, rtol=1e-5, atol=1e-5)
 

@@ -335,7 +335,8 @@ def test_lower_max_pools_pass(tune):
         assert report.total_flops == tucker_fx.analyze(model, x).total_flops
 
 
-@pytest.mark.parametrize("act", [nn.ReLU(), nn.LeakyReLU(0.1), nn.Sigmoid(), nn.Hardtanh(), nn.ELU()])
+@pytest.mark.parametrize("act", [nn.ReLU(), nn.LeakyReLU(0.1), nn.Sigmoid(), nn.Hardtanh(), nn.ELU(),
+                                 nn.ReLU(inplace=True), nn.LeakyReLU(0.1, inplace=True)])
 @pytest.mark.parametrize("pool", [nn.MaxPool3d((2, 4, 4)), nn.MaxPool3d(3, stride=2, padding=1, ceil_mode=True)])
 def test_pool_before_activation_exact(act, pool):
     from tucker_fx.passes.pool_first import PoolBeforeActivation
@@ -359,3 +360,24 @@ def test_pool_before_activation_refuses(model):
     from tucker_fx.passes.pool_first import PoolBeforeActivation
 
     assert not PoolBeforeActivation()(torch.fx.symbolic_trace(model)).modified
+
+
+class _TapBeforeInplaceReLU(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.act, self.pool = nn.Conv3d(2, 3, 1), nn.ReLU(inplace=True), nn.MaxPool3d(2)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.pool(self.act(y)), y  # y is returned after the in-place ReLU wrote into it
+
+
+def test_pool_before_activation_keeps_an_inplace_activation_whose_input_is_read_elsewhere():
+    from tucker_fx.passes.pool_first import PoolBeforeActivation
+
+    model = _TapBeforeInplaceReLU().eval()
+    x = torch.randn(1, 2, 4, 4, 4)
+    gm = torch.fx.symbolic_trace(model)
+    assert not PoolBeforeActivation()(gm).modified
+    for got, want in zip(gm(x), model(x)):
+        assert torch.equal(got, want)

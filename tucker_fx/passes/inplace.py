@@ -42,7 +42,7 @@ from tucker_fx._internal.meta import NOTES_KEY
 from tucker_fx.kernels.conv_transpose import PatchConvTranspose
 from tucker_fx.kernels.fft_conv import FFTConv, TuckerFFTConv
 from tucker_fx.kernels.inplace import InplaceInstanceNorm, add_into, inplace_norm_eligible
-from tucker_fx.kernels.max_pool import ChannelsLastMaxPool
+from tucker_fx.kernels.max_pool import ChannelsLastMaxPool, SeparableMaxPool
 from tucker_fx.kernels.norm_fold import NormedPointwise
 from tucker_fx.kernels.pointwise import MixParts, MkldnnConv, PointwiseConv
 from tucker_fx.kernels.window_max import WindowMax
@@ -61,7 +61,7 @@ _NEW_FUNCTIONS = {operator.add, torch.add, operator.mul, torch.mul, torch.cat, t
                   F.conv1d, F.conv2d, F.conv3d, F.linear, F.instance_norm, F.group_norm, F.batch_norm,
                   torch.ops.aten.convolution.default, torch.ops.aten.add.Tensor, torch.ops.aten.mul.Tensor,
                   torch.ops.aten.cat.default}
-_OTHER_NEW_MODULES = (ChannelsLastMaxPool, FFTConv, TuckerFFTConv, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
+_OTHER_NEW_MODULES = (ChannelsLastMaxPool, SeparableMaxPool, FFTConv, TuckerFFTConv, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
                       nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.Upsample)
 """Modules that return a new tensor, but whose output a norm or an add should not be written into
 (not measured), for :func:`returns_new_buffer` only."""

@@ -41,7 +41,7 @@ from tucker_fx._internal.timing import compare_samples
 from tucker_fx.analysis.cost_registry import REGISTRY, CostContext, OpCost, batched, conv_macs
 from tucker_fx.decomposition.algebra import absorb_into_conv, as_matrix, compose_linear, fold_into_flat_linear
 from tucker_fx.kernels import FFTConv, LinearChain, TuckerFFTConv, WindowMax, fft_size
-from tucker_fx.kernels.max_pool import ChannelsLastMaxPool, max_pool_spec
+from tucker_fx.kernels.max_pool import ChannelsLastMaxPool, SeparableMaxPool, max_pool_spec, separable_eligible
 from tucker_fx.kernels.window_max import is_window_max
 from tucker_fx.passes.blocks import TuckerBlock
 from tucker_fx.passes.runner import PassError, PassResult
@@ -425,15 +425,23 @@ class LowerConvs:
         return PassResult(gm, modified)
 
 
+SEPARABLE_MIN_NUMEL = 1 << 18
+"""Inputs of fewer elements keep :class:`~tucker_fx.kernels.max_pool.ChannelsLastMaxPool` by rule:
+at 8 x 9 x 10 x 11 the three passes of :class:`~tucker_fx.kernels.max_pool.SeparableMaxPool` measured
+0.08 ms against 0.04 (one thread); from 64 x 16 x 56 x 56 up they won x2-5."""
+
+
 @dataclass
 class LowerMaxPools:
     """Graph pass: max pools run where ATen's CPU kernel is fast. Exact.
 
     A pool whose windows tile its input runs as :class:`~tucker_fx.kernels.WindowMax` (reshape +
     ``amax`` per dim; measured 6.3 -> 3.7 ms on the THETIS net's first pool, 39 -> 7 ms on a
-    32 x 64^3 2x2x2 pool); any other 3-d max pool runs on channels_last_3d data
-    (:class:`~tucker_fx.kernels.max_pool.ChannelsLastMaxPool`; 161 -> 66 ms on MONAI ResNet-10's
-    stem pool). Modules (``nn.MaxPool3d``) and calls (``F.max_pool3d``, ``aten.max_pool3d`` of an
+    32 x 64^3 2x2x2 pool); any other 3-d max pool without dilation or ``ceil_mode`` and of at least
+    :data:`SEPARABLE_MIN_NUMEL` input elements as three 1-d maxima
+    (:class:`~tucker_fx.kernels.max_pool.SeparableMaxPool`; MONAI ResNet-10's stem pool 145 ms as
+    is, 78 ms channels-last, 37 ms separable), the rest on channels_last_3d data
+    (:class:`~tucker_fx.kernels.max_pool.ChannelsLastMaxPool`). Modules (``nn.MaxPool3d``) and calls (``F.max_pool3d``, ``aten.max_pool3d`` of an
     exported graph) alike. Chosen by measurement with ``tune``, else by these rules (3-d pools
     only: ``max_pool3d`` computes argmax indices it never returns). The choices go to
     ``gm.meta["tucker_fx.notes"]``."""
@@ -446,11 +454,17 @@ class LowerMaxPools:
     def _candidates(self, gm: fx.GraphModule, node: fx.Node) -> Optional[dict[str, nn.Module]]:
         spec = max_pool_spec(node, gm)
         if spec is not None:
-            fast: nn.Module = (WindowMax(spec.kernel_size, 3) if spec.tiles
-                               else ChannelsLastMaxPool.from_spec(spec))
             direct = (gm.get_submodule(str(node.target)) if node.op == "call_module"
                       else ChannelsLastMaxPool.from_spec(spec))
-            return {"direct": direct, "window_max" if spec.tiles else "channels_last": fast}
+            if spec.tiles:
+                return {"direct": direct, "window_max": WindowMax(spec.kernel_size, 3)}
+            cands = {"direct": direct}
+            x0 = node.args[0].meta.get("tensor_meta") if isinstance(node.args[0], fx.Node) else None
+            large = x0 is not None and math.prod(x0.shape) >= SEPARABLE_MIN_NUMEL
+            if separable_eligible(spec) and large:  # small maps: three passes' call overhead loses
+                cands["separable"] = SeparableMaxPool.from_spec(spec)
+            cands["channels_last"] = ChannelsLastMaxPool.from_spec(spec)
+            return cands
         if node.op == "call_module":
             pool = gm.get_submodule(str(node.target))
             if is_window_max(pool):
@@ -468,7 +482,7 @@ class LowerMaxPools:
             cands = self._candidates(gm, node)
             if cands is None:
                 continue
-            fast_name = next(k for k in cands if k != "direct")
+            fast_name = next(k for k in cands if k != "direct")  # the rule's pick: the first listed
             x0 = node.args[0].meta["tensor_meta"]
             if self.tune:
                 first = next(gm.parameters(), None)
@@ -519,6 +533,12 @@ class _CallOp(nn.Module):
 @REGISTRY.register(ChannelsLastMaxPool)
 def _channels_last_max_pool(ctx: CostContext) -> OpCost:
     assert isinstance(ctx.module, ChannelsLastMaxPool)
+    return OpCost("pool", other_flops=ctx.out_numel * math.prod(ctx.module.spec.kernel_size))
+
+
+@REGISTRY.register(SeparableMaxPool)
+def _separable_max_pool(ctx: CostContext) -> OpCost:
+    assert isinstance(ctx.module, SeparableMaxPool)
     return OpCost("pool", other_flops=ctx.out_numel * math.prod(ctx.module.spec.kernel_size))
 
 

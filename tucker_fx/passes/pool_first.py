@@ -2,7 +2,9 @@
 
 For a non-decreasing elementwise ``act`` (ReLU, ReLU6, LeakyReLU with a non-negative slope,
 ELU, Hardtanh, Sigmoid, Tanh), the max over a window commutes with ``act``; max-pooling pads
-with -inf, so padding does not change that. Pooling first applies the activation to the pooled
+with -inf, so padding does not change that. An activation in place moves too where its input has
+no other reader (it then writes into the pool's new output; MONAI's ResNet stem: a ReLU over
+64 x 64^3 becomes one over 64 x 32^3). Pooling first applies the activation to the pooled
 (smaller) tensor: on the THETIS net, ReLU then touches 1/32 of C1's output. Exact; the
 ``return_indices`` form is left alone.
 
@@ -33,14 +35,21 @@ _MONOTONE_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.elu, F.hardtanh, torch.sig
 _MAXPOOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 
 
+def _inplace_of_private(node: fx.Node, inplace: bool) -> bool:
+    """An activation in place may move after the pool only where nothing else reads its input (else
+    that reader saw the activated values, and would see the raw ones after the move)."""
+    src = node.args[0] if node.args else None
+    return not inplace or (isinstance(src, fx.Node) and len(src.users) == 1)
+
+
 def _is_monotone(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_module":
         m = gm.get_submodule(str(node.target))
         if isinstance(m, nn.LeakyReLU):
-            return m.negative_slope >= 0 and not m.inplace
-        return isinstance(m, _MONOTONE_MODULES) and not getattr(m, "inplace", False)
+            return m.negative_slope >= 0 and _inplace_of_private(node, m.inplace)
+        return isinstance(m, _MONOTONE_MODULES) and _inplace_of_private(node, bool(getattr(m, "inplace", False)))
     if node.op == "call_function" and node.target in _MONOTONE_FUNCTIONS:
-        return not node.kwargs.get("inplace", False)
+        return _inplace_of_private(node, bool(node.kwargs.get("inplace", False)))
     return node.op == "call_method" and node.target in ("relu", "sigmoid", "tanh")
 
 
