@@ -195,7 +195,10 @@ def test_training_and_autograd_do_not_reuse() -> None:
         torch.testing.assert_close(g, p.grad)
 
 
-def test_compress_plans_the_workspace_and_stays_exact() -> None:
+def test_compress_plans_the_workspace_and_stays_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    import tucker_fx.passes.workspace as workspace_pass
+
+    monkeypatch.setattr(workspace_pass, "MIN_BYTES", 0)  # small maps, so the test stays fast
     torch.manual_seed(4)
     net = nn.Sequential(nn.Conv3d(8, 32, 3, padding=1), nn.InstanceNorm3d(32, affine=True), nn.LeakyReLU(inplace=True),
                         nn.Conv3d(32, 32, 3, padding=1), nn.InstanceNorm3d(32, affine=True), nn.LeakyReLU(inplace=True),
@@ -212,3 +215,26 @@ def test_compress_plans_the_workspace_and_stays_exact() -> None:
         torch.testing.assert_close(r.module(x), want, rtol=1e-4, atol=1e-4)
     with torch.no_grad():  # after inference mode: a buffer that is not an inference tensor
         torch.testing.assert_close(r.module(x), want, rtol=1e-4, atol=1e-4)
+
+
+def test_default_threshold_leaves_heap_sized_maps_alone() -> None:
+    from tucker_fx.passes.workspace import MIN_BYTES
+
+    torch.manual_seed(5)
+    net = _Chain(tap=False).eval()
+    x = torch.randn(1, 4, 6, 7, 8)
+    gm = _lowered(net, x)
+    assert MIN_BYTES == 32 << 20 and not PlanWorkspace()(gm).modified
+
+
+def test_dynamic_batch_export_of_a_pooled_model() -> None:
+    torch.manual_seed(6)
+    net = _Chain(tap=False).eval()
+    x = torch.randn(2, 4, 6, 7, 8)
+    gm = _lowered(net, x)
+    assert PlanWorkspace(min_bytes=0)(gm).modified
+    batch = torch.export.Dim("batch", min=1, max=8)
+    program = torch.export.export(gm, (x,), dynamic_shapes=({0: batch},))  # no batch size read as an int
+    y = torch.randn(3, 4, 6, 7, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(y), net(y), rtol=1e-5, atol=1e-5)

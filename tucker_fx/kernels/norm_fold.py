@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tucker_fx.kernels.pointwise import PointwiseConv
-from tucker_fx.kernels.workspace import WORKSPACE_ATTR, workspace_out
+from tucker_fx.kernels.workspace import pooled as _pooled, workspace_out
 
 __all__ = ["NormedPointwise", "foldable_norm"]
 
@@ -125,7 +125,7 @@ class NormedPointwise(nn.Module):
 
     def forward(self, z: Tensor) -> Tensor:
         out = None
-        if self.__dict__.get(WORKSPACE_ATTR) is not None:
+        if _pooled(self):
             shape = (int(z.shape[0]), int(self.weight.shape[0])) + tuple(int(d) for d in z.shape[2:])
             out = workspace_out(self, shape, z, self.weight, self.bias, self.norm_weight, self.norm_bias)
         return _normed_pointwise(z, self.weight, self.bias, self.norm_weight, self.norm_bias, self.groups, self.eps,

@@ -42,7 +42,7 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
 from tucker_fx.kernels import ops as _ops  # noqa: F401  (registers torch.ops.tucker_fx.*)
-from tucker_fx.kernels.workspace import WORKSPACE_ATTR, workspace_out
+from tucker_fx.kernels.workspace import pooled as _pooled, workspace_out
 
 __all__ = ["PointwiseConv", "MixParts", "MkldnnConv", "is_pointwise", "mkldnn_eligible"]
 
@@ -117,8 +117,7 @@ class PointwiseConv(nn.Module):
 
     def forward(self, x: Tensor, *more: Tensor) -> Tensor:
         """The product on ``x``, or on ``torch.cat((x, *more), 1)`` when ``more`` are given."""
-        out = workspace_out(self, self._out_shape(x, more), x, self.weight, self.bias) if self.__dict__.get(
-            WORKSPACE_ATTR) is not None else None
+        out = workspace_out(self, self._out_shape(x, more), x, self.weight, self.bias) if _pooled(self) else None
         if more:
             return _pointwise_parts((x, *more), self.weight, self.bias, self.stride, out)
         return _pointwise(x, self.weight, self.bias, self.stride, out)
@@ -199,8 +198,7 @@ class MixParts(nn.Module):
         if base.shape[1] != self.weight.shape[0]:
             raise ValueError(f"MixParts: part {self.keep} has {base.shape[1]} channels, the output {self.weight.shape[0]}")
         ones = (1,) * (self.weight.dim() - 2)
-        out = workspace_out(self, tuple(base.shape), base, self.weight, self.bias) if self.__dict__.get(
-            WORKSPACE_ATTR) is not None else None
+        out = workspace_out(self, tuple(base.shape), base, self.weight, self.bias) if _pooled(self) else None
         mixed = (_pointwise_parts(others, self.weight, self.bias, ones, out) if len(others) > 1
                  else _pointwise(others[0], self.weight, self.bias, ones, out))
         if torch.is_grad_enabled() or torch.compiler.is_compiling() or mixed.shape != base.shape:

@@ -43,7 +43,7 @@ import torch.nn as nn
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
-__all__ = ["Workspace", "workspace_out", "WORKSPACE_ATTR", "SLOT_ATTR"]
+__all__ = ["Workspace", "pooled", "workspace_out", "WORKSPACE_ATTR", "SLOT_ATTR"]
 
 WORKSPACE_ATTR, SLOT_ATTR = "_tucker_workspace", "_tucker_slot"
 
@@ -95,6 +95,12 @@ class Workspace:
 
     def __repr__(self) -> str:
         return f"Workspace({len(self._buffers())} buffers in this thread, {self.nbytes() / 2**20:.1f} MiB)"
+
+
+def pooled(module: nn.Module) -> bool:
+    """``module`` has a workspace slot and may use it now: checked before a kernel reads its input's
+    sizes as ints (under ``torch.compile``/``torch.export`` that would specialise a dynamic dim)."""
+    return module.__dict__.get(WORKSPACE_ATTR) is not None and not torch.compiler.is_compiling()
 
 
 def workspace_out(module: nn.Module, shape: Sequence[int], like: Tensor, *others: Optional[Tensor]) -> Optional[Tensor]:
