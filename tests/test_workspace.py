@@ -153,19 +153,34 @@ def test_outputs_are_never_overwritten_by_a_later_call() -> None:
     assert torch.equal(out1, kept)
 
 
-def test_unknown_reader_keeps_the_map_out_of_the_workspace() -> None:
-    class Viewer(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.a, self.b = nn.Conv3d(4, 16, 1), nn.Conv3d(16, 16, 1)
+def _keep(t: torch.Tensor) -> torch.Tensor:
+    return t  # a Python function the pass knows nothing of: it could keep a reference
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            y = self.a(x)
+
+torch.fx.wrap("_keep")
+
+
+class _Viewer(nn.Module):
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.a, self.b, self.how = nn.Conv3d(4, 16, 1), nn.Conv3d(16, 16, 1), how
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        if self.how == "view":
             v = y.view(1, 16, -1)  # a view of a's map, alive past b
             return self.b(y) + v.view_as(y)
+        if self.how == "dropout":
+            d = self.drop(y)  # eval: y itself
+            return self.b(d) + d
+        return self.b(y) + _keep(y)
 
+
+@pytest.mark.parametrize("how, pooled", [("view", True), ("dropout", True), ("unknown", False)])
+def test_views_and_dropouts_extend_a_maps_life_and_unknown_readers_keep_it_out(how: str, pooled: bool) -> None:
     torch.manual_seed(2)
-    net = Viewer().eval()
+    net = _Viewer(how).eval()
     x = torch.randn(1, 4, 5, 5, 5)
     gm = fx.symbolic_trace(net)
     for name in ("a", "b"):
@@ -173,9 +188,12 @@ def test_unknown_reader_keeps_the_map_out_of_the_workspace() -> None:
     gm.recompile()
     propagate_shapes(gm, (x,))
     PlanWorkspace(min_bytes=0)(gm)
-    assert getattr(gm.get_submodule("a"), SLOT_ATTR, None) is None
+    slot_a, slot_b = (getattr(gm.get_submodule(n), SLOT_ATTR, None) for n in ("a", "b"))
+    assert (slot_a is not None) is pooled
+    assert slot_b is not None and slot_a != slot_b  # a's map (or its view) is read after b runs
     with torch.no_grad():
-        torch.testing.assert_close(gm(x), net(x), rtol=1e-5, atol=1e-5)
+        for _ in range(2):
+            torch.testing.assert_close(gm(x), net(x), rtol=1e-5, atol=1e-5)
 
 
 def test_training_and_autograd_do_not_reuse() -> None:

@@ -6,10 +6,12 @@ more). This pass plans the buffers, as a compiler plans memory:
 1. the candidates are the nodes of :class:`~tucker_fx.kernels.pointwise.PointwiseConv`,
    :class:`~tucker_fx.kernels.pointwise.MixParts` and :class:`~tucker_fx.kernels.norm_fold.NormedPointwise`
    (each called at one place in the graph) whose result is at least ``min_bytes``;
-2. a candidate's value lives until the last reader of it or of anything that writes into it in place
-   (an in-place norm, activation or add, found by ``passes.inplace``); every reader must be an op known
-   to return a new tensor or to write in place, so that no view of the buffer can outlive that reader,
-   and none may be the graph's output (a value the caller keeps must be a tensor of its own);
+2. a candidate's value lives until the last reader of it or of anything that may be it or a view of
+   it: what writes into it in place (an in-place norm, activation or add, found by ``passes.inplace``),
+   an eval-mode dropout (which returns its input: MONAI's BasicUNet has one after every conv), a view,
+   an ATen op that may alias its input. Every reader must be one of those or an op known to return a
+   new tensor, so that no view of the buffer can outlive the last one, and none may be the graph's
+   output (a value the caller keeps must be a tensor of its own);
 3. values whose lives do not overlap share a slot (greedy, in graph order), so the buffers held
    between calls are about the largest set of these maps alive at one time, not their sum.
 
@@ -42,10 +44,14 @@ Example:
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
 import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
 
 from tucker_fx._internal.meta import NOTES_KEY
 from tucker_fx.kernels.norm_fold import NormedPointwise
@@ -72,6 +78,24 @@ def _bytes(node: fx.Node) -> Optional[int]:
     return math.prod(int(s) for s in shape) * dtype.itemsize
 
 
+_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout, nn.Identity)
+_DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
+                      operator.getitem}
+_VIEW_METHODS = {"view", "reshape", "view_as", "reshape_as", "flatten", "unflatten", "squeeze", "unsqueeze", "permute",
+                 "transpose", "contiguous", "narrow", "expand", "expand_as", "detach", "__getitem__", "chunk", "split",
+                 "unbind", "select", "type_as", "to", "float"}
+
+
+def _may_alias(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """``node`` returns its input, a view of it or a new tensor, and keeps no other reference: an
+    eval-mode dropout (the input itself), a view, an ATen op (it can only alias its arguments)."""
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(str(node.target)), _DROPOUTS)
+    if node.op == "call_function":
+        return isinstance(node.target, torch._ops.OpOverload) or node.target in _DROPOUT_FUNCTIONS
+    return node.op == "call_method" and str(node.target) in _VIEW_METHODS
+
+
 def _last_use(gm: fx.GraphModule, node: fx.Node, order: dict[fx.Node, int]) -> Optional[int]:
     """Where ``node``'s buffer is last read, following in-place writers of it; None where a reader
     might keep a view of it (unknown op) or the graph returns it."""
@@ -87,7 +111,13 @@ def _last_use(gm: fx.GraphModule, node: fx.Node, order: dict[fx.Node, int]) -> O
                     seen.add(user)
                     todo.append(user)  # its result is this buffer
                 # else it reads this value into its own first argument's buffer: a reader
-            elif not returns_new_buffer(gm, user):
+            elif returns_new_buffer(gm, user):
+                continue
+            elif _may_alias(gm, user):
+                if user not in seen:  # its result may be this buffer or a view of it: it lives on there
+                    seen.add(user)
+                    todo.append(user)
+            else:
                 return None
     return last
 
