@@ -232,3 +232,39 @@ def test_backend_batch_one_then_two(name):
         out1, out2 = compiled(x1), compiled(x2)
     assert rel_error(_eager(model, x1), out1) < TOL
     assert rel_error(_eager(model, x2), out2) < TOL
+
+
+# --- (f) the buffer passes on real graphs: the same numbers as the plain decomposition ----------------
+
+BUFFER_MODELS = ["monai_unet_in", "monai_basic_unet", "monai_segresnet", "monai_dynunet", "monai_resnet10",
+                 "monai_autoencoder", "monai_highresnet", "video_unet"]
+
+
+@pytest.mark.parametrize("name", _cases("compress", BUFFER_MODELS))
+def test_buffer_passes_on_real_graphs_match_the_plain_decomposition(name, monkeypatch):
+    """Norms folded into 1x1 convs, maps in reused buffers (every size, here), separable pools: the
+    compressed model gives what ``lowering="none"`` gives, call after call, in inference mode too,
+    and the example input is never written."""
+    import tucker_fx.passes.workspace as workspace_pass
+    from tucker_fx._internal.meta import NOTES_KEY
+
+    monkeypatch.setattr(workspace_pass, "MIN_BYTES", 0)  # the zoo's inputs are small
+    model, x = build(name)
+    kept = x.clone()
+    config = tucker_fx.TuckerConfig(rank=0.25, progress=False, validate=False)
+    lowered = tucker_fx.compress(model, x, config=config)
+    plain = tucker_fx.compress(model, x, config=config.replace(lowering="none"))
+    with torch.no_grad():
+        want = flat_outputs(plain.module(x))
+        for _ in range(2):
+            for got, ref in zip(flat_outputs(lowered.module(x)), want):
+                assert rel_error(ref, got) < TOL
+    with torch.inference_mode():
+        for got, ref in zip(flat_outputs(lowered.module(x)), want):
+            assert rel_error(ref, got) < TOL
+    assert torch.equal(x, kept)
+    notes = " ".join(lowered.module.meta.get(NOTES_KEY, []))
+    if name in ("monai_dynunet", "monai_segresnet", "monai_unet_in"):
+        assert "norms computed from their 1x1 conv's input" in notes
+    if name in ("monai_dynunet", "monai_basic_unet", "monai_resnet10"):
+        assert "reused buffers" in notes
