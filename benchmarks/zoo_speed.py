@@ -79,9 +79,11 @@ def _without_stages(names: list[str]) -> Callable[[], None]:
     from tucker_fx.passes.inplace import WriteInPlace
     from tucker_fx.passes.norm_fold import FoldNormIntoPointwise
     from tucker_fx.passes.workspace import PlanWorkspace
+    from tucker_fx.passes.channels_last_cores import ChannelsLastCores
     from tucker_fx.passes.runner import PassResult
     classes = {"fast_kernels": UseFastKernels, "cat_into_pointwise": CatIntoPointwise, "write_in_place": WriteInPlace,
-               "fold_norm_into_pointwise": FoldNormIntoPointwise, "plan_workspace": PlanWorkspace}
+               "fold_norm_into_pointwise": FoldNormIntoPointwise, "plan_workspace": PlanWorkspace,
+               "channels_last_cores": ChannelsLastCores}
     unknown = [n for n in names if n not in classes]
     if unknown:
         raise SystemExit(f"--ablate: unknown stage(s) {unknown}; expected some of {sorted(classes)}")

@@ -67,7 +67,10 @@ def _normed_pointwise(z: Tensor, weight: Tensor, bias: Optional[Tensor], gamma: 
     n, r, spatial = z.shape[0], z.shape[1], z.shape[2:]
     c = weight.shape[0]
     u = weight.reshape(c, r)
-    cols = z.reshape(n, r, -1)
+    if n == 1 and z.dim() > 2 and not z.is_contiguous() and z.permute(0, *range(2, z.dim()), 1).is_contiguous():
+        cols = z.permute(0, *range(2, z.dim()), 1).reshape(1, -1, r).transpose(1, 2)  # channels-last: a view
+    else:
+        cols = z.reshape(n, r, -1)
     positions = cols.shape[2]
     m = cols.mean(2)                                                      # (n, R)
     centred = cols - m.unsqueeze(2)                                       # (n, R, P)

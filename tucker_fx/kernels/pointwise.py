@@ -66,7 +66,7 @@ def mkldnn_eligible(conv: nn.Module) -> bool:
 
 @torch.fx.wrap
 def _pointwise(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: tuple[int, ...],
-               out: Optional[Tensor] = None) -> Tensor:
+               out: Optional[Tensor] = None, layout: str = "keep") -> Tensor:
     # one node for torch.fx.symbolic_trace: the branches read the input's layout
     fmt = _CHANNELS_LAST.get(x.dim())
     channels_last = fmt is not None and not x.is_contiguous() and x.is_contiguous(memory_format=fmt)
@@ -74,6 +74,22 @@ def _pointwise(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: tuple[
         x = x[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in stride)]
     n, c, spatial = x.shape[0], x.shape[1], x.shape[2:]
     w = weight.reshape(weight.shape[0], c)
+    if layout != "keep" and n == 1 and fmt is not None and not torch.compiler.is_compiling() and not is_fake(x):
+        # the layout change of a channels-last core, for free (passes.channels_last_cores): the same
+        # product with its operands transposed, which BLAS reads as they are
+        if layout == "to_channels_last" and x.is_contiguous():
+            cols = x.reshape(c, -1)
+            y = torch.mm(cols.t(), w.t()) if bias is None else torch.addmm(bias, cols.t(), w.t())  # (P, R)
+            return y.view(1, *spatial, w.shape[0]).permute(0, x.dim() - 1, *range(1, x.dim() - 1))
+        if layout == "to_contiguous" and channels_last:
+            rows = x.permute(0, *range(2, x.dim()), 1).reshape(-1, c)  # (P, c), a view
+            target = out.view(w.shape[0], -1) if out is not None else None
+            if bias is None:
+                y = torch.mm(w, rows.t(), out=target) if target is not None else torch.mm(w, rows.t())
+            else:
+                y = (torch.addmm(bias.reshape(-1, 1), w, rows.t(), out=target) if target is not None
+                     else torch.addmm(bias.reshape(-1, 1), w, rows.t()))
+            return y.view(1, w.shape[0], *spatial)
     if channels_last:
         # channels-last: positions x channels is already a matrix; the result keeps the layout
         rows = x.permute(0, *range(2, x.dim()), 1).reshape(-1, c)
@@ -98,6 +114,11 @@ def _pointwise(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: tuple[
 class PointwiseConv(nn.Module):
     """A 1x1 conv (1D/2D/3D, any stride, bias or not) as a matrix product over channels."""
 
+    layout: str = "keep"
+    """``"keep"`` (the input's layout), or set by ``passes.channels_last_cores`` around a core conv:
+    ``"to_channels_last"`` (a contiguous input, a channels-last result) or ``"to_contiguous"`` (a
+    channels-last input, a contiguous result); eager, batch 1, on the CPU only."""
+
     def __init__(self, weight: Tensor, bias: Optional[Tensor], stride: tuple[int, ...]) -> None:
         super().__init__()
         if weight.dim() < 3 or any(k != 1 for k in weight.shape[2:]):
@@ -120,14 +141,15 @@ class PointwiseConv(nn.Module):
         out = workspace_out(self, self._out_shape(x, more), x, self.weight, self.bias) if _pooled(self) else None
         if more:
             return _pointwise_parts((x, *more), self.weight, self.bias, self.stride, out)
-        return _pointwise(x, self.weight, self.bias, self.stride, out)
+        return _pointwise(x, self.weight, self.bias, self.stride, out, self.layout)
 
     def _out_shape(self, x: Tensor, more: tuple[Tensor, ...]) -> tuple[int, ...]:
         spatial = tuple(-(-int(d) // s) for d, s in zip(x.shape[2:], self.stride))
         return (int(x.shape[0]), int(self.weight.shape[0])) + spatial
 
     def extra_repr(self) -> str:
-        return f"{self.weight.shape[1]}, {self.weight.shape[0]}, stride={self.stride}, bias={self.bias is not None}"
+        layout = "" if self.layout == "keep" else f", layout={self.layout}"
+        return f"{self.weight.shape[1]}, {self.weight.shape[0]}, stride={self.stride}, bias={self.bias is not None}{layout}"
 
 
 def _is_channels_last(x: Tensor) -> bool:

@@ -39,7 +39,7 @@ Example:
     >>> run = pipeline_run(TuckerConfig(tuning_cache=False), (x,), holds=())
     >>> gm = run.run(torch.fx.symbolic_trace(net), LOWER)
     >>> run.ran
-    ['fold_batchnorm', 'lower_convs', 'pool_before_activation', 'lower_max_pools', 'merge_linear', 'drop_noop_pads', 'separable_interpolate', 'fast_kernels', 'cat_into_pointwise', 'fold_norm_into_pointwise', 'write_in_place', 'plan_workspace']
+    ['fold_batchnorm', 'lower_convs', 'pool_before_activation', 'lower_max_pools', 'merge_linear', 'drop_noop_pads', 'separable_interpolate', 'fast_kernels', 'cat_into_pointwise', 'fold_norm_into_pointwise', 'channels_last_cores', 'write_in_place', 'plan_workspace']
     >>> bool(torch.allclose(gm(x), net(x), atol=1e-6))
     True
 """
@@ -53,6 +53,7 @@ from tucker_fx.analysis.costs import annotate_costs
 from tucker_fx.analysis.shapes import propagate_shapes
 from tucker_fx.config import TuckerConfig
 from tucker_fx.passes.cat_pointwise import CatIntoPointwise
+from tucker_fx.passes.channels_last_cores import ChannelsLastCores
 from tucker_fx.passes.fast_kernels import UseFastKernels
 from tucker_fx.passes.fold_bn import FoldBatchNorm
 from tucker_fx.passes.inplace import WriteInPlace
@@ -70,7 +71,7 @@ __all__ = [
     "SHAPES", "SITES", "PLAN", "ORIGINALS", "FACTS",
     "FOLD_BN", "REWRITE", "LOWER_BLOCKS", "POOL_FIRST", "LOWER_MAX_POOLS", "MERGE", "LOWER_CONVS", "DROP_PADS",
     "SEPARABLE_INTERPOLATE",
-    "FAST_KERNELS", "CAT_INTO_POINTWISE", "FOLD_NORMS", "WRITE_IN_PLACE", "PLAN_WORKSPACE",
+    "FAST_KERNELS", "CAT_INTO_POINTWISE", "FOLD_NORMS", "CHANNELS_LAST_CORES", "WRITE_IN_PLACE", "PLAN_WORKSPACE",
     "PREPARE", "DECOMPOSE", "COMPRESS", "LOWER", "pipeline_run",
 ]
 
@@ -143,6 +144,10 @@ def _fold_norms(ctx: StageContext) -> Optional[FoldNormIntoPointwise]:
     return FoldNormIntoPointwise() if _lowering(ctx.config) else None
 
 
+def _channels_last_cores(ctx: StageContext) -> Optional[ChannelsLastCores]:
+    return ChannelsLastCores() if _lowering(ctx.config) else None
+
+
 def _write_in_place(ctx: StageContext) -> Optional[WriteInPlace]:
     return WriteInPlace() if _lowering(ctx.config) else None
 
@@ -203,6 +208,9 @@ CAT_INTO_POINTWISE = Stage("cat_into_pointwise", _cat_into_pointwise, requires=(
 FOLD_NORMS = Stage("fold_norm_into_pointwise", _fold_norms, invalidates=(SITES,),
                    doc="a GroupNorm/InstanceNorm after a widening 1x1 conv computed from the conv's input "
                        "(config.lowering='auto'); keeps tensor_meta")
+CHANNELS_LAST_CORES = Stage("channels_last_cores", _channels_last_cores, requires=(SHAPES,), invalidates=(SITES,),
+                            doc="3-d core convs of 8+ channels at 32^3+ positions run on channels-last data, which "
+                                "their factors write and read for free (config.lowering='auto')")
 WRITE_IN_PLACE = Stage("write_in_place", _write_in_place, invalidates=(SITES,),
                        doc="InstanceNorms and adds write into a buffer only they read "
                            "(config.lowering='auto'); keeps tensor_meta")
@@ -214,13 +222,13 @@ PLAN_WORKSPACE = Stage("plan_workspace", _plan_workspace, requires=(SHAPES,),
 PREPARE: tuple[Stage, ...] = (FOLD_BN,)
 """Before planning: the planner sees the folded layers."""
 DECOMPOSE: tuple[Stage, ...] = (REWRITE, LOWER_BLOCKS, LOWER_KEPT_CONVS, POOL_FIRST, LOWER_MAX_POOLS, MERGE, DROP_PADS, SEPARABLE_INTERPOLATE,
-                                  FAST_KERNELS, CAT_INTO_POINTWISE, FOLD_NORMS, WRITE_IN_PLACE,
+                                  FAST_KERNELS, CAT_INTO_POINTWISE, FOLD_NORMS, CHANNELS_LAST_CORES, WRITE_IN_PLACE,
                                   PLAN_WORKSPACE)
 """After planning (requires the plan in ``gm.meta``)."""
 COMPRESS: tuple[Stage, ...] = PREPARE + DECOMPOSE
 """``compress`` and ``apply_plan``: :data:`PREPARE`, planning, :data:`DECOMPOSE`."""
 LOWER: tuple[Stage, ...] = PREPARE + (LOWER_CONVS, POOL_FIRST, LOWER_MAX_POOLS, MERGE, DROP_PADS, SEPARABLE_INTERPOLATE,
-                                  FAST_KERNELS, CAT_INTO_POINTWISE, FOLD_NORMS, WRITE_IN_PLACE,
+                                  FAST_KERNELS, CAT_INTO_POINTWISE, FOLD_NORMS, CHANNELS_LAST_CORES, WRITE_IN_PLACE,
                                   PLAN_WORKSPACE)
 """``lower``: the same lowering passes on the undecomposed model."""
 
