@@ -71,9 +71,9 @@ class Workspace:
         bufs = self._buffers()
         buf = bufs.get(slot)
         inference = torch.is_inference_mode_enabled()
-        if (buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.is_inference() != inference):
-            buf = bufs[slot] = torch.empty(max(numel, 0 if buf is None or buf.dtype != like.dtype else buf.numel()),
-                                           dtype=like.dtype, device=like.device)
+        if buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.is_inference() != inference:
+            keep = buf.numel() if buf is not None and buf.dtype == like.dtype else 0  # a slot only grows
+            buf = bufs[slot] = torch.empty(max(numel, keep), dtype=like.dtype, device=like.device)
         return buf[:numel].view(*shape)
 
     def clear(self) -> None:

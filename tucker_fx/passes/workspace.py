@@ -79,7 +79,7 @@ def _bytes(node: fx.Node) -> Optional[int]:
 
 
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout, nn.Identity)
-_DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
+_ALIASING_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
                       operator.getitem}
 _VIEW_METHODS = {"view", "reshape", "view_as", "reshape_as", "flatten", "unflatten", "squeeze", "unsqueeze", "permute",
                  "transpose", "contiguous", "narrow", "expand", "expand_as", "detach", "__getitem__", "chunk", "split",
@@ -92,7 +92,7 @@ def _may_alias(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_module":
         return isinstance(gm.get_submodule(str(node.target)), _DROPOUTS)
     if node.op == "call_function":
-        return isinstance(node.target, torch._ops.OpOverload) or node.target in _DROPOUT_FUNCTIONS
+        return isinstance(node.target, torch._ops.OpOverload) or node.target in _ALIASING_FUNCTIONS
     return node.op == "call_method" and str(node.target) in _VIEW_METHODS
 
 
