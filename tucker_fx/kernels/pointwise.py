@@ -44,7 +44,7 @@ from torch._subclasses.fake_tensor import is_fake
 from tucker_fx.kernels import ops as _ops  # noqa: F401  (registers torch.ops.tucker_fx.*)
 from tucker_fx.kernels.workspace import pooled as _pooled, workspace_out
 
-__all__ = ["PointwiseConv", "MixParts", "MkldnnConv", "is_pointwise", "mkldnn_eligible"]
+__all__ = ["PointwiseConv", "MixParts", "MkldnnConv", "is_pointwise", "mkldnn_eligible", "channels_last_copy"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
@@ -111,13 +111,30 @@ def _pointwise(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: tuple[
     return y.reshape(n, w.shape[0], *spatial)
 
 
+@torch.fx.wrap
+def channels_last_copy(x: Tensor) -> Tensor:
+    """``x`` copied into channels_last_3d memory (the same values), for a core conv that mkldnn runs
+    faster so (``passes.channels_last_cores``); ``x`` itself unless eager, on the CPU, batch 1 and 5-d.
+
+    Example:
+        >>> y = channels_last_copy(torch.randn(1, 4, 3, 5, 6))
+        >>> y.is_contiguous(memory_format=torch.channels_last_3d), y.is_contiguous()
+        (True, False)
+    """
+    if (x.dim() != 5 or x.shape[0] != 1 or x.device.type != "cpu" or torch.compiler.is_compiling()
+            or is_fake(x)):
+        return x
+    return x.contiguous(memory_format=torch.channels_last_3d)
+
+
 class PointwiseConv(nn.Module):
     """A 1x1 conv (1D/2D/3D, any stride, bias or not) as a matrix product over channels."""
 
     layout: str = "keep"
     """``"keep"`` (the input's layout), or set by ``passes.channels_last_cores`` around a core conv:
-    ``"to_channels_last"`` (a contiguous input, a channels-last result) or ``"to_contiguous"`` (a
-    channels-last input, a contiguous result); eager, batch 1, on the CPU only."""
+    ``"to_channels_last"`` (a contiguous input, a channels-last result: the product with its operands
+    transposed) or ``"to_contiguous"`` (a channels-last input, a contiguous result); eager, batch 1,
+    on the CPU only."""
 
     def __init__(self, weight: Tensor, bias: Optional[Tensor], stride: tuple[int, ...]) -> None:
         super().__init__()
