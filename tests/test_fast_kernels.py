@@ -96,3 +96,18 @@ def test_compressed_result_exports_saves_and_loads(tmp_path):
     path = tucker_fx.save(result, tmp_path / "net")
     loaded = tucker_fx.load(path, _block_net(), x)
     assert torch.equal(loaded.module(x), result.module(x))
+
+
+def test_mkldnn_conv_runs_bfloat16_on_any_cpu() -> None:
+    # mkldnn's bf16 path needs avx512bw/vl/dq or avx_ne_convert: without them (an AMD EPYC without
+    # AVX-512) torch.mkldnn_convolution raises, and MkldnnConv must fall back to F.conv3d
+    from tucker_fx.kernels.pointwise import MkldnnConv, mkldnn_dtypes
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(4, 4, 3, padding=1).to(torch.bfloat16)
+    x = torch.randn(1, 4, 6, 6, 6, dtype=torch.bfloat16)
+    with torch.no_grad():
+        y = MkldnnConv(conv)(x)
+        torch.testing.assert_close(y.float(), conv(x).float(), rtol=2e-2, atol=2e-2)
+    assert y.dtype == torch.bfloat16
+    assert torch.float32 in mkldnn_dtypes()
+    assert (torch.bfloat16 in mkldnn_dtypes()) == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())

@@ -44,7 +44,8 @@ from torch._subclasses.fake_tensor import is_fake
 from tucker_fx.kernels import ops as _ops  # noqa: F401  (registers torch.ops.tucker_fx.*)
 from tucker_fx.kernels.workspace import pooled as _pooled, workspace_out
 
-__all__ = ["PointwiseConv", "MixParts", "MkldnnConv", "is_pointwise", "mkldnn_eligible", "channels_last_copy"]
+__all__ = ["PointwiseConv", "MixParts", "MkldnnConv", "is_pointwise", "mkldnn_eligible", "mkldnn_dtypes",
+           "channels_last_copy"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
@@ -62,6 +63,19 @@ def mkldnn_eligible(conv: nn.Module) -> bool:
     """A conv that ``torch.mkldnn_convolution`` computes exactly: numeric padding with zeros."""
     return (isinstance(conv, _CONVS) and not isinstance(conv.padding, str) and conv.padding_mode == "zeros"
             and torch.backends.mkldnn.is_available())
+
+
+def mkldnn_dtypes() -> tuple[torch.dtype, ...]:
+    """The dtypes ``torch.mkldnn_convolution`` runs on this CPU: float32, and bfloat16 where the CPU has
+    the instructions (avx512bw/vl/dq or avx_ne_convert; without them mkldnn raises, as it did on an
+    AMD EPYC without AVX-512)."""
+    return _MKLDNN_DTYPES
+
+
+# asked once, at import: asked while torch.export traces, the query would become a node of the graph
+_MKLDNN_DTYPES = ((torch.float32, torch.bfloat16)
+                  if torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+                  else (torch.float32,))
 
 
 @torch.fx.wrap
@@ -251,7 +265,7 @@ class MixParts(nn.Module):
 @torch.fx.wrap
 def _mkldnn_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: tuple[int, ...],
                  padding: tuple[int, ...], dilation: tuple[int, ...], groups: int) -> Tensor:
-    eligible = x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and x.dim() == weight.dim()
+    eligible = x.device.type == "cpu" and x.dtype in mkldnn_dtypes() and x.dim() == weight.dim()
     if torch.compiler.is_compiling():
         if eligible and not torch.compiler.is_exporting():
             # torch.compile: an opaque op that inductor calls as is (its own lowering of this conv is ATen's slow one)
@@ -265,7 +279,8 @@ def _mkldnn_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: tupl
 
 
 class MkldnnConv(nn.Module):
-    """A conv run by ``torch.mkldnn_convolution`` on the CPU (float32, bfloat16), else by ``F.convNd``."""
+    """A conv run by ``torch.mkldnn_convolution`` on the CPU (float32; bfloat16 where the CPU supports it:
+    :func:`mkldnn_dtypes`), else by ``F.convNd``."""
 
     def __init__(self, conv: nn.Module) -> None:
         super().__init__()

@@ -44,13 +44,12 @@ import torch.nn as nn
 from tucker_fx._internal.meta import NOTES_KEY
 from tucker_fx.analysis.cost_registry import REGISTRY, CostContext, OpCost, conv_macs
 from tucker_fx.kernels.conv_transpose import PatchConvTranspose, is_patch_conv_transpose
-from tucker_fx.kernels.pointwise import MkldnnConv, PointwiseConv, is_pointwise, mkldnn_eligible
+from tucker_fx.kernels.pointwise import MkldnnConv, PointwiseConv, is_pointwise, mkldnn_dtypes, mkldnn_eligible
 from tucker_fx.passes.runner import PassResult
 
 __all__ = ["UseFastKernels", "pointwise_wins", "mkldnn_wins", "patch_transpose_wins"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_MKLDNN_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def pointwise_wins(conv: nn.Module, x_shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> bool:
@@ -75,7 +74,7 @@ def mkldnn_wins(conv: nn.Module, x_shape: tuple[int, ...], device: torch.device,
     already picks mkldnn (and for 2-d convs, which it sends to mkldnn) there is nothing to win.
     """
     if (not mkldnn_eligible(conv) or is_pointwise(conv) or conv.weight.dim() != 5 or device.type != "cpu"
-            or dtype not in _MKLDNN_DTYPES or len(x_shape) != 5):
+            or dtype not in mkldnn_dtypes() or len(x_shape) != 5):
         return False
     n, c, d, h = x_shape[:4]
     return n * c * d * h <= 20480
