@@ -222,3 +222,19 @@ def test_a_mixparts_first_factor_gets_the_copy_only(fast: str) -> None:
     plain = _trace_with_leaves(net)
     propagate_shapes(plain, (up, skip))
     assert not ChannelsLastCores(measure=False)(plain).modified  # static rule: not at all
+
+
+
+def test_the_copy_node_has_a_cost_formula() -> None:
+    # measured, a block may get a channels_last_copy node: the analysis of the result must know it (seen
+    # in CI: a U-Net decoder's block chose the copy there, and the analysis listed it as unsupported)
+    torch.manual_seed(8)
+    net = _Block(16, 8, norm=False).eval()
+    x = torch.randn(1, 16, 32, 32, 32)
+    gm = _prepared(net, x)
+    ms = {"keep": 10.0, "to_channels_last": 30.0, "copy": 5.0}
+    assert ChannelsLastCores(timer=_timer(ms, []))(gm).modified
+    report = tucker_fx.analyze(gm, x)
+    assert report.unsupported == []
+    row = next(r for r in report.rows if "channels_last_copy" in r.name)
+    assert row.kind == "free" and row.macs == 0

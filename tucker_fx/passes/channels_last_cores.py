@@ -61,6 +61,7 @@ import torch.nn as nn
 
 from tucker_fx._internal.meta import NOTES_KEY
 from tucker_fx._internal.timing import compare_samples
+from tucker_fx.analysis.cost_registry import REGISTRY, CostContext, OpCost
 from tucker_fx.kernels.norm_fold import NormedPointwise
 from tucker_fx.kernels.pointwise import MixParts, MkldnnConv, PointwiseConv, channels_last_copy, mkldnn_eligible
 from tucker_fx.kernels.workspace import SLOT_ATTR, WORKSPACE_ATTR, Workspace
@@ -221,3 +222,9 @@ class ChannelsLastCores:
         if kept:
             notes.append("core convs kept in their layout (channels-last measured no faster): " + "; ".join(kept))
         return PassResult(gm, bool(done))
+
+
+@REGISTRY.register(channels_last_copy)
+def _channels_last_copy_cost(ctx: CostContext) -> OpCost:
+    """A copy into another memory layout: no arithmetic (the analysis must not list it as unsupported)."""
+    return OpCost("free")
