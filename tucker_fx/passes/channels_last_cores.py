@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import copy
 import math
-import statistics
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -60,7 +59,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from tucker_fx._internal.meta import NOTES_KEY
-from tucker_fx._internal.timing import compare_samples
+from tucker_fx._internal.timing import compare_ms
 from tucker_fx.analysis.cost_registry import REGISTRY, CostContext, OpCost
 from tucker_fx.kernels.norm_fold import NormedPointwise
 from tucker_fx.kernels.pointwise import MixParts, MkldnnConv, PointwiseConv, channels_last_copy, mkldnn_eligible
@@ -89,11 +88,6 @@ Timer = Callable[[dict[str, Callable[[], Any]]], dict[str, float]]
 """Callables by name -> median ms of each (run interleaved)."""
 
 _MEASURED: dict[tuple, tuple[str, dict[str, float]]] = {}
-
-
-def _median_ms(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-    samples = compare_samples(fns, repeats=repeats)
-    return {k: statistics.median(v) for k, v in samples.items()}
 
 
 def _shape(node: object) -> Optional[tuple[int, ...]]:
@@ -152,7 +146,7 @@ class ChannelsLastCores:
         xs = [torch.randn(s, dtype=f.weight.dtype) for s in shapes]
         names = [v for v in VARIANTS if single or v != "to_channels_last"]
         fns = {name: (lambda v=_variant(f, c, l, name): v(*xs)) for name in names}
-        ms = self.timer(fns) if self.timer is not None else _median_ms(fns, self.repeats)
+        ms = self.timer(fns) if self.timer is not None else compare_ms(fns, repeats=self.repeats)
         best = min(names[1:], key=lambda k: ms[k])
         choice = best if ms[best] < (1 - MIN_GAIN) * ms["keep"] else "keep"
         if self.timer is None:
