@@ -6,6 +6,7 @@ import torch.nn as nn
 
 import tucker_fx
 from tucker_fx.analysis.shapes import propagate_shapes
+from tucker_fx.kernels import native
 from tucker_fx.kernels.pointwise import MkldnnConv, PointwiseConv, is_pointwise
 from tucker_fx.passes.fast_kernels import UseFastKernels, mkldnn_wins, pointwise_wins
 
@@ -74,7 +75,8 @@ def test_pass_replaces_and_keeps_the_output_and_the_counts():
     result = UseFastKernels()(gm)
     gm.recompile()
     kinds = [type(m).__name__ for m in gm.children()]
-    assert result.modified and kinds == ["PointwiseConv", "ReLU", "MkldnnConv", "ReLU", "PointwiseConv"]
+    core = "NarrowConv3d" if native.available() else "MkldnnConv"  # 8 -> 8: narrow (kernels.narrow_conv)
+    assert result.modified and kinds == ["PointwiseConv", "ReLU", core, "ReLU", "PointwiseConv"]
     with torch.no_grad():
         assert torch.allclose(gm(x), net(x), rtol=1e-5, atol=1e-5)
     after = tucker_fx.analyze(gm, x)
@@ -87,11 +89,11 @@ def test_compressed_result_exports_saves_and_loads(tmp_path):
     x = torch.randn(1, 32, 8, 16, 16)
     result = tucker_fx.compress(net, x, config=tucker_fx.TuckerConfig(rank=1.0, only_if_cheaper=False, progress=False))
     kinds = {type(m).__name__ for m in result.module.modules()}
-    assert {"PointwiseConv", "MkldnnConv"} <= kinds
+    assert {"PointwiseConv", "NarrowConv3d" if native.available() else "MkldnnConv"} <= kinds
     assert result.validation.rel_error < 1e-5
     ep = torch.export.export(result.module, (x,))  # a plain conv in the exported graph, not mkldnn
     targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
-    assert not any("mkldnn" in t for t in targets)
+    assert not any("mkldnn" in t or "tucker_fx" in t for t in targets)
     assert torch.allclose(ep.module()(x), result.module(x), atol=1e-5)
     path = tucker_fx.save(result, tmp_path / "net")
     loaded = tucker_fx.load(path, _block_net(), x)

@@ -9,6 +9,8 @@ import torch
 import torch.nn as nn
 
 import tucker_fx
+from tucker_fx.kernels import native
+from tucker_fx.kernels.narrow_conv import NarrowConv3d
 from tucker_fx.kernels.pointwise import MkldnnConv, PointwiseConv
 from tucker_fx.passes import lowering
 from tucker_fx.passes.blocks import TuckerBlock
@@ -21,7 +23,8 @@ def test_as_run_swaps_what_fast_kernels_would_and_keeps_the_function() -> None:
                         kind="tucker2", ranks=(4, 4)).eval()
     x = torch.randn(1, 16, 8, 8, 8)
     run = as_run(block, x)
-    assert [type(m) for m in (run.first, run.core, run.last)] == [PointwiseConv, MkldnnConv, PointwiseConv]
+    core = NarrowConv3d if native.available() else MkldnnConv  # 4 -> 4: narrow (kernels.narrow_conv)
+    assert [type(m) for m in (run.first, run.core, run.last)] == [PointwiseConv, core, PointwiseConv]
     assert [type(m) for m in (block.first, block.core, block.last)] == [nn.Conv3d] * 3  # untouched
     with torch.no_grad():
         torch.testing.assert_close(run(x), block(x), rtol=1e-5, atol=1e-5)
@@ -60,7 +63,8 @@ def test_tuned_block_lowering_times_the_fast_kernels(tune: bool, monkeypatch: py
                                                                  tuning_cache=False, tuning_repeats=1,
                                                                  keep_original_if_faster=False))
     if tune:
-        assert seen and {"PointwiseConv", "MkldnnConv"} <= seen[0]
+        core = "NarrowConv3d" if native.available() else "MkldnnConv"  # 16 -> 4 -> 4 -> 16: a narrow core
+        assert seen and {"PointwiseConv", core} <= seen[0]
     else:
         assert not seen  # the cost model: nothing timed
     plain = tucker_fx.compress(net, x, config=tucker_fx.TuckerConfig(rank=0.25, progress=False, lowering="none"))

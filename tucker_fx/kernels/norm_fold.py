@@ -42,7 +42,7 @@ from torch import Tensor
 from tucker_fx.kernels.pointwise import PointwiseConv
 from tucker_fx.kernels.workspace import pooled as _pooled, workspace_out
 
-__all__ = ["NormedPointwise", "foldable_norm"]
+__all__ = ["NormedPointwise", "foldable_norm", "normed_affine"]
 
 _INSTANCE = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 
@@ -61,17 +61,21 @@ def foldable_norm(norm: nn.Module) -> Optional[int]:
     return None
 
 
-@torch.fx.wrap
-def _normed_pointwise(z: Tensor, weight: Tensor, bias: Optional[Tensor], gamma: Optional[Tensor],
-                      beta: Optional[Tensor], groups: int, eps: float, out: Optional[Tensor] = None) -> Tensor:
-    n, r, spatial = z.shape[0], z.shape[1], z.shape[2:]
+def _columns(z: Tensor) -> Tensor:
+    """``z`` (N, R, *spatial) as (N, R, positions): a view, also of a channels-last batch-1 map."""
+    n, r = z.shape[:2]
+    if n == 1 and z.dim() > 2 and not z.is_contiguous() and z.permute(0, *range(2, z.dim()), 1).is_contiguous():
+        return z.permute(0, *range(2, z.dim()), 1).reshape(1, -1, r).transpose(1, 2)  # channels-last: a view
+    return z.reshape(n, r, -1)
+
+
+def normed_affine(cols: Tensor, weight: Tensor, bias: Optional[Tensor], gamma: Optional[Tensor],
+                  beta: Optional[Tensor], groups: int, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The normalised 1x1 conv as ``w (z - m) + shift``: ``(w (N, C, R), shift (N, C), m (N, R), z - m)``
+    for the columns ``cols`` (N, R, positions) of the narrow input (see the module docstring)."""
+    n, r, positions = cols.shape
     c = weight.shape[0]
     u = weight.reshape(c, r)
-    if n == 1 and z.dim() > 2 and not z.is_contiguous() and z.permute(0, *range(2, z.dim()), 1).is_contiguous():
-        cols = z.permute(0, *range(2, z.dim()), 1).reshape(1, -1, r).transpose(1, 2)  # channels-last: a view
-    else:
-        cols = z.reshape(n, r, -1)
-    positions = cols.shape[2]
     m = cols.mean(2)                                                      # (n, R)
     centred = cols - m.unsqueeze(2)                                       # (n, R, P)
     cov = torch.bmm(centred, centred.transpose(1, 2)) / positions        # (n, R, R)
@@ -89,7 +93,15 @@ def _normed_pointwise(z: Tensor, weight: Tensor, bias: Optional[Tensor], gamma: 
         scale, shift = scale * gamma, shift * gamma
     if beta is not None:
         shift = shift + beta
-    w = scale.unsqueeze(2) * u                                            # (n, C, R)
+    return scale.unsqueeze(2) * u, shift, m, centred
+
+
+@torch.fx.wrap
+def _normed_pointwise(z: Tensor, weight: Tensor, bias: Optional[Tensor], gamma: Optional[Tensor],
+                      beta: Optional[Tensor], groups: int, eps: float, out: Optional[Tensor] = None) -> Tensor:
+    n, spatial = z.shape[0], z.shape[2:]
+    c = weight.shape[0]
+    w, shift, _, centred = normed_affine(_columns(z), weight, bias, gamma, beta, groups, eps)
     if n == 1 and out is not None:  # a reused buffer (kernels.workspace)
         torch.addmm(shift.reshape(c, 1), w[0], centred[0], out=out.view(c, -1))
         return out.view(1, c, *spatial)

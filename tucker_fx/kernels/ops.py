@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["mkldnn_conv", "max_pool3d_cl"]
+__all__ = ["mkldnn_conv", "narrow_conv3d", "max_pool3d_cl"]
 
 _CONV = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
 
@@ -65,6 +65,34 @@ def _conv_backward(ctx: Any, grad: Tensor) -> tuple:
 
 
 mkldnn_conv.register_autograd(_conv_backward, setup_context=_conv_setup)
+
+
+@torch.library.custom_op("tucker_fx::narrow_conv3d", mutates_args=())
+def narrow_conv3d(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """A 3x3x3 conv, stride 1, padding 1, on the native kernel (:mod:`tucker_fx.kernels.native`)
+    where it runs, else on mkldnn."""
+    from tucker_fx.kernels import native
+
+    if native.available() and x.dtype == torch.float32:
+        return native.narrow_conv3d(x, weight, bias)
+    return torch.mkldnn_convolution(x.contiguous(), weight.contiguous(), bias, [1, 1, 1], [1, 1, 1], [1, 1, 1], 1)
+
+
+@narrow_conv3d.register_fake
+def _narrow_conv3d_fake(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    return F.conv3d(x.contiguous(), weight, bias, 1, 1)
+
+
+def _narrow_setup(ctx: Any, inputs: tuple, output: Tensor) -> None:
+    x, weight, bias = inputs
+    _conv_setup(ctx, (x, weight, bias, [1, 1, 1], [1, 1, 1], [1, 1, 1], 1), output)
+
+
+def _narrow_backward(ctx: Any, grad: Tensor) -> tuple:
+    return _conv_backward(ctx, grad)[:3]
+
+
+narrow_conv3d.register_autograd(_narrow_backward, setup_context=_narrow_setup)
 
 
 @torch.library.custom_op("tucker_fx::max_pool3d_cl", mutates_args=())

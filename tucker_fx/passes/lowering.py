@@ -43,9 +43,8 @@ from tucker_fx.decomposition.algebra import absorb_into_conv, as_matrix, compose
 from tucker_fx.kernels import FFTConv, LinearChain, TuckerFFTConv, WindowMax, fft_size
 from tucker_fx.kernels.max_pool import ChannelsLastMaxPool, SeparableMaxPool, max_pool_spec, separable_eligible
 from tucker_fx.kernels.window_max import is_window_max
-from tucker_fx.kernels.pointwise import MkldnnConv, PointwiseConv
 from tucker_fx.passes.blocks import TuckerBlock
-from tucker_fx.passes.fast_kernels import mkldnn_wins, pointwise_wins
+from tucker_fx.passes.fast_kernels import fast_conv
 from tucker_fx.passes.runner import PassError, PassResult
 from tucker_fx.planning.plan import LayerPlan, Plan
 from tucker_fx.tuning.cache import TimingCache, device_key
@@ -167,9 +166,9 @@ def as_run(module: nn.Module, x: torch.Tensor) -> nn.Module:
     the default 126.7 ms, side by side). ``module`` itself where nothing changes, else a copy.
 
     Example:
-        >>> block = TuckerBlock(nn.Conv3d(16, 4, 1), nn.Conv3d(4, 4, 3, padding=1), nn.Conv3d(4, 16, 1),
-        ...                     kind="tucker2", ranks=(4, 4))
-        >>> run = as_run(block, torch.randn(1, 16, 8, 8, 8))
+        >>> block = TuckerBlock(nn.Conv3d(64, 16, 1), nn.Conv3d(16, 16, 3, padding=1), nn.Conv3d(16, 64, 1),
+        ...                     kind="tucker2", ranks=(16, 16))
+        >>> run = as_run(block, torch.randn(1, 64, 8, 8, 8))
         >>> [type(m).__name__ for m in (run.first, run.core, run.last)]
         ['PointwiseConv', 'MkldnnConv', 'PointwiseConv']
     """
@@ -195,11 +194,9 @@ def as_run(module: nn.Module, x: torch.Tensor) -> nn.Module:
             h.remove()
     swaps: dict[str, nn.Module] = {}
     for name, shape in shapes.items():
-        conv = module.get_submodule(name)
-        if pointwise_wins(conv, shape, x.device, x.dtype):
-            swaps[name] = PointwiseConv.from_conv(conv)
-        elif mkldnn_wins(conv, shape, x.device, x.dtype):
-            swaps[name] = MkldnnConv(conv)
+        found = fast_conv(module.get_submodule(name), shape, x.device, x.dtype)
+        if found is not None:
+            swaps[name] = found[0]
     if "" in swaps:
         return swaps[""]
     if not swaps:

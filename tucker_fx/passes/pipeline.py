@@ -61,6 +61,7 @@ from tucker_fx.passes.lowering import LowerBlocks, LowerConvs, LowerMaxPools
 from tucker_fx.passes.merge_linear import MergeLinear
 from tucker_fx.passes.noop_pads import DropNoOpPads
 from tucker_fx.passes.norm_fold import FoldNormIntoPointwise
+from tucker_fx.passes.pointwise_chain import FusePointwiseChains
 from tucker_fx.passes.resample import UseSeparableInterpolate
 from tucker_fx.passes.pool_first import PoolBeforeActivation
 from tucker_fx.passes.runner import Fact, PipelineRun, Stage, StageContext, check_stages
@@ -148,6 +149,10 @@ def _channels_last_cores(ctx: StageContext) -> Optional[ChannelsLastCores]:
     return ChannelsLastCores() if _lowering(ctx.config) else None
 
 
+def _fuse_pointwise_chains(ctx: StageContext) -> Optional[FusePointwiseChains]:
+    return FusePointwiseChains() if _lowering(ctx.config) else None
+
+
 def _write_in_place(ctx: StageContext) -> Optional[WriteInPlace]:
     return WriteInPlace() if _lowering(ctx.config) else None
 
@@ -211,6 +216,10 @@ FOLD_NORMS = Stage("fold_norm_into_pointwise", _fold_norms, invalidates=(SITES,)
 CHANNELS_LAST_CORES = Stage("channels_last_cores", _channels_last_cores, requires=(SHAPES,), invalidates=(SITES,),
                             doc="3-d core convs of 8+ channels at 32^3+ positions run on channels-last data, which "
                                 "their factors write and read for free (config.lowering='auto')")
+FUSE_POINTWISE_CHAINS = Stage("fuse_pointwise_chains", _fuse_pointwise_chains, invalidates=(SITES,),
+                               doc="a widening 1x1 product, its ReLU/LeakyReLU and a narrowing 1x1 product as one "
+                                   "native node, the wide map never written (config.lowering='auto'); keeps "
+                                   "tensor_meta")
 WRITE_IN_PLACE = Stage("write_in_place", _write_in_place, invalidates=(SITES,),
                        doc="InstanceNorms and adds write into a buffer only they read "
                            "(config.lowering='auto'); keeps tensor_meta")
@@ -222,13 +231,15 @@ PLAN_WORKSPACE = Stage("plan_workspace", _plan_workspace, requires=(SHAPES,),
 PREPARE: tuple[Stage, ...] = (FOLD_BN,)
 """Before planning: the planner sees the folded layers."""
 DECOMPOSE: tuple[Stage, ...] = (REWRITE, LOWER_BLOCKS, LOWER_KEPT_CONVS, POOL_FIRST, LOWER_MAX_POOLS, MERGE, DROP_PADS, SEPARABLE_INTERPOLATE,
-                                  FAST_KERNELS, CAT_INTO_POINTWISE, FOLD_NORMS, CHANNELS_LAST_CORES, WRITE_IN_PLACE,
+                                  FAST_KERNELS, CAT_INTO_POINTWISE, FOLD_NORMS, CHANNELS_LAST_CORES, FUSE_POINTWISE_CHAINS,
+                                  WRITE_IN_PLACE,
                                   PLAN_WORKSPACE)
 """After planning (requires the plan in ``gm.meta``)."""
 COMPRESS: tuple[Stage, ...] = PREPARE + DECOMPOSE
 """``compress`` and ``apply_plan``: :data:`PREPARE`, planning, :data:`DECOMPOSE`."""
 LOWER: tuple[Stage, ...] = PREPARE + (LOWER_CONVS, POOL_FIRST, LOWER_MAX_POOLS, MERGE, DROP_PADS, SEPARABLE_INTERPOLATE,
-                                  FAST_KERNELS, CAT_INTO_POINTWISE, FOLD_NORMS, CHANNELS_LAST_CORES, WRITE_IN_PLACE,
+                                  FAST_KERNELS, CAT_INTO_POINTWISE, FOLD_NORMS, CHANNELS_LAST_CORES, FUSE_POINTWISE_CHAINS,
+                                  WRITE_IN_PLACE,
                                   PLAN_WORKSPACE)
 """``lower``: the same lowering passes on the undecomposed model."""
 

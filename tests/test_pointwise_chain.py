@@ -1,0 +1,190 @@
+"""1x1 -> activation -> 1x1 chains on the native kernel (kernels/pointwise_chain, passes/pointwise_chain):
+exact against the three modules, fused only where the pattern holds, counted the same."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import tucker_fx
+from tucker_fx.analysis.shapes import propagate_shapes
+from tucker_fx.kernels import native
+from tucker_fx.kernels.norm_fold import NormedPointwise
+from tucker_fx.kernels.pointwise import PointwiseConv
+from tucker_fx.kernels.pointwise_chain import PointwiseChain, activation_slope
+from tucker_fx.passes.fast_kernels import UseFastKernels
+from tucker_fx.passes.norm_fold import FoldNormIntoPointwise
+from tucker_fx.passes.pointwise_chain import FusePointwiseChains
+
+needs_native = pytest.mark.skipif(not native.available(), reason=f"native kernel: {native.status()}")
+
+
+def _reference(z: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2, slope: float) -> torch.Tensor:
+    n, r1 = z.shape[:2]
+    cols = z.reshape(n, r1, -1).double()
+    w1d = w1.double() if w1.dim() == 3 else w1.double().expand(n, -1, -1)
+    b1d = b1.double() if b1.dim() == 2 else b1.double().expand(n, -1)
+    h = torch.bmm(w1d, cols) + b1d.unsqueeze(2)
+    h = torch.where(h > 0, h, slope * h)
+    y = torch.einsum("oc,ncp->nop", w2.double(), h)
+    if b2 is not None:
+        y = y + b2.double()[:, None]
+    return y.reshape(n, w2.shape[0], *z.shape[2:]).float()
+
+
+@needs_native
+@pytest.mark.parametrize("r1,c,r2", [(4, 16, 4), (8, 32, 8), (3, 10, 5), (16, 64, 16), (1, 7, 2), (32, 128, 32)])
+@pytest.mark.parametrize("spatial", [(1, 1, 1), (2, 3, 5), (4, 4, 16), (3, 5, 33)])
+@pytest.mark.parametrize("slope", [0.0, 0.01, 1.0])
+def test_kernel_is_the_chain(r1: int, c: int, r2: int, spatial: tuple[int, ...], slope: float) -> None:
+    torch.manual_seed(r1 + c + r2)
+    z, w1, b1, w2, b2 = (torch.randn(2, r1, *spatial), torch.randn(c, r1), torch.randn(c), torch.randn(r2, c),
+                         torch.randn(r2))
+    y = native.pointwise_chain(z, w1, b1, w2, b2, slope)
+    # float32 sums of r1 and c products against float64: rounding only
+    torch.testing.assert_close(y, _reference(z, w1, b1, w2, b2, slope), rtol=1e-5, atol=2e-5 * (r1 * c) ** 0.5)
+
+
+@needs_native
+def test_kernel_takes_per_sample_weights_no_bias_and_threads() -> None:
+    torch.manual_seed(0)
+    z, w1, b1, w2 = torch.randn(3, 4, 5, 6, 70), torch.randn(3, 16, 4), torch.randn(3, 16), torch.randn(4, 16)
+    ref = _reference(z, w1, b1, w2, None, 0.1)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            torch.testing.assert_close(native.pointwise_chain(z, w1, b1, w2, None, 0.1), ref, rtol=1e-5, atol=1e-4)
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_native
+def test_kernel_checks_its_arguments() -> None:
+    z = torch.randn(1, 4, 3, 3, 3)
+    with pytest.raises(ValueError, match=r"expected z \(N, R1, \.\.\.\), w1 \(\[N,\] C, R1\).*got \(1, 4, 3, 3, 3\), \(16, 5\)"):
+        native.pointwise_chain(z, torch.randn(16, 5), torch.randn(16), torch.randn(4, 16), None, 0.0)
+    with pytest.raises(ValueError, match=r"at most \(R1, C, R2\) = \(64, 512, 64\), got \(4, 600, 4\)"):
+        native.pointwise_chain(z, torch.randn(600, 4), torch.randn(600), torch.randn(4, 600), None, 0.0)
+    with pytest.raises(ValueError, match="expected float32 CPU tensors, got z torch.float64"):
+        native.pointwise_chain(z.double(), torch.randn(16, 4), torch.randn(16), torch.randn(4, 16), None, 0.0)
+
+
+def _parts(normed: bool, act: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module]:
+    torch.manual_seed(1)
+    up = PointwiseConv.from_conv(nn.Conv3d(4, 16, 1))
+    first = NormedPointwise(up, nn.GroupNorm(4, 16)) if normed else up
+    return first, act, PointwiseConv.from_conv(nn.Conv3d(16, 4, 1))
+
+
+@pytest.mark.parametrize("normed", [False, True])
+@pytest.mark.parametrize("act", [nn.ReLU(), nn.LeakyReLU(0.2), nn.ReLU(inplace=True)])
+@pytest.mark.parametrize("how", ["eager", "grad", "channels_last", "disabled"])
+def test_module_is_its_three_modules_on_every_path(normed: bool, act: nn.Module, how: str,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    first, act, second = _parts(normed, act)
+    chain = PointwiseChain(first, act, second)
+    z = torch.randn(2 if how == "eager" else 1, 4, 5, 6, 21)
+    if how == "channels_last":
+        z = z.contiguous(memory_format=torch.channels_last_3d)
+    if how == "disabled":
+        monkeypatch.setitem(native._state, "lib", None)
+    calls: list[int] = []
+    real = native.pointwise_chain
+    monkeypatch.setattr(native, "pointwise_chain", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        ref = second(act(first(z.clone())))
+    with torch.set_grad_enabled(how == "grad"):
+        y = chain(z)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4)
+    assert bool(calls) == (how in ("eager", "channels_last") and native.available())
+    if how == "grad":  # the three modules, so gradients reach the shared parameters
+        y.sum().backward()
+        assert second.weight.grad is not None and first.weight.grad is not None
+
+
+def test_module_refuses_what_it_does_not_compute() -> None:
+    first, act, second = _parts(False, nn.ReLU())
+    for bad in ((first, nn.GELU(), second), (first, act, nn.Conv3d(16, 4, 1)),
+                (PointwiseConv.from_conv(nn.Conv3d(4, 16, 1, stride=2)), act, second)):
+        with pytest.raises(ValueError, match="PointwiseChain: expected a stride-1 PointwiseConv or NormedPointwise"):
+            PointwiseChain(*bad)
+    with pytest.raises(ValueError, match="the first product makes 16 channels, the second reads 8"):
+        PointwiseChain(first, act, PointwiseConv.from_conv(nn.Conv3d(8, 4, 1)))
+    assert activation_slope(nn.ReLU()) == 0.0 and activation_slope(nn.LeakyReLU(0.3)) == pytest.approx(0.3)
+    assert activation_slope(nn.PReLU()) is None
+
+
+def _graph(net: nn.Module, x: torch.Tensor, fold: bool = False) -> torch.fx.GraphModule:
+    gm = torch.fx.symbolic_trace(net)
+    propagate_shapes(gm, (x,))
+    UseFastKernels()(gm)
+    if fold:
+        FoldNormIntoPointwise()(gm)
+    return gm
+
+
+@needs_native
+@pytest.mark.parametrize("fold", [False, True])
+def test_pass_fuses_the_chain_keeps_the_output_and_the_counts(fold: bool) -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv3d(4, 16, 1), nn.GroupNorm(4, 16), nn.LeakyReLU(0.01), nn.Conv3d(16, 4, 1),
+                        nn.Conv3d(4, 4, 3, padding=1)).eval()
+    x = torch.randn(1, 4, 6, 8, 16)
+    gm = _graph(net, x, fold)
+    before = tucker_fx.analyze(gm, x)
+    result = FusePointwiseChains()(gm)
+    kinds = [gm.get_submodule(str(n.target)).__class__.__name__ for n in gm.graph.nodes if n.op == "call_module"]
+    if fold:  # NormedPointwise -> LeakyReLU -> PointwiseConv
+        assert result.modified and kinds == ["PointwiseChain", "NarrowConv3d"]
+        assert "1x1 -> activation -> 1x1 chains on the native kernel" in " ".join(gm.meta["tucker_fx.notes"])
+    else:  # a GroupNorm between: not a chain
+        assert not result.modified and kinds[0] == "PointwiseConv"
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), net(x), rtol=1e-5, atol=1e-4)
+    after = tucker_fx.analyze(gm, x)
+    assert after.unsupported == [] and after.total_params == before.total_params
+    assert after.total_flops == pytest.approx(before.total_flops, rel=0.02)  # the activation counted per element
+
+
+@needs_native
+def test_pass_leaves_chains_whose_maps_are_read_elsewhere_or_not_wide() -> None:
+    class Branch(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.up, self.act, self.down = nn.Conv3d(4, 16, 1), nn.ReLU(), nn.Conv3d(16, 4, 1)
+
+        def forward(self, z: torch.Tensor) -> torch.Tensor:
+            h = self.act(self.up(z))
+            return self.down(h), h  # the wide map is an output too
+
+    x = torch.randn(1, 4, 4, 4, 8)
+    assert not FusePointwiseChains()(_graph(Branch().eval(), x)).modified
+    narrow = nn.Sequential(nn.Conv3d(8, 12, 1), nn.ReLU(), nn.Conv3d(12, 8, 1)).eval()  # 12 < 2 * 8
+    assert not FusePointwiseChains()(_graph(narrow, torch.randn(1, 8, 4, 4, 8))).modified
+
+
+def test_compressed_model_with_chains_exports_and_loads(tmp_path) -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv3d(16, 16, 3, padding=1), nn.ReLU(), nn.Conv3d(16, 16, 3, padding=1)).eval()
+    x = torch.randn(1, 16, 6, 8, 16)
+    r = tucker_fx.compress(net, x, config=tucker_fx.TuckerConfig(rank=0.25, only_if_cheaper=False,
+                                                                 keep_original_if_faster=False, progress=False))
+    chains = [m for m in r.module.modules() if isinstance(m, PointwiseChain)]
+    assert len(chains) == (1 if native.available() else 0)  # last(4 -> 16) -> ReLU -> first(16 -> 4)
+    ep = torch.export.export(r.module, (x,))
+    assert not any("tucker_fx" in str(n.target) for n in ep.graph.nodes if n.op == "call_function")
+    torch.testing.assert_close(ep.module()(x), r.module(x), rtol=1e-5, atol=1e-5)
+    loaded = tucker_fx.load(tucker_fx.save(r, tmp_path / "net"), net, x)
+    torch.testing.assert_close(loaded.module(x), r.module(x), rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_module_compiles_with_inductor() -> None:
+    first, act, second = _parts(True, nn.LeakyReLU(0.01))
+    chain = PointwiseChain(first, act, second)
+    z = torch.randn(1, 4, 4, 6, 10)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(chain)(z), second(act(first(z))), rtol=1e-5, atol=1e-4)

@@ -1,0 +1,220 @@
+"""Native CPU kernels for the shapes a decomposition leaves, built on first use with the system's C compiler.
+
+- ``narrow_conv3d.c``: a 3x3x3 conv (stride 1, padding 1) with few channels. oneDNN, which runs
+  ATen's and inductor's CPU convs, computes a 3x3x3 conv with 4 channels or fewer at 9-14 GMAC/s
+  on the project's CPUs; the cores of Tucker blocks at rank 0.25 of a 16-channel layer are exactly
+  that, and they were the largest item of the compressed MONAI SegResNet's profile
+  (``docs/benchmarks.md``). This kernel runs them at 25-31 GMAC/s on one thread.
+- ``pointwise_chain.c``: ``W2 act(W1 z + b1) + b2`` per position, a block's last factor, its
+  norm and activation and the next block's first factor without the full-width map between them.
+
+Both are AVX2 + FMA, float32. The library is compiled once per source and flags with ``cc`` (or ``$CC``) into
+``$TUCKER_FX_CACHE_DIR/native`` (default ``~/.cache/tucker_fx/native``) and loaded with
+``ctypes``; ``ctypes`` releases the GIL, so threads split the output planes. Where there is no
+compiler, no AVX2, or ``TUCKER_FX_NATIVE=0``, :func:`available` is False with the reason in
+:func:`status`, and :class:`~tucker_fx.kernels.narrow_conv.NarrowConv3d` runs on oneDNN instead.
+
+Example:
+    >>> import torch, torch.nn.functional as F
+    >>> from tucker_fx.kernels import native
+    >>> x, w, b = torch.randn(1, 4, 5, 6, 19), torch.randn(4, 4, 3, 3, 3), torch.randn(4)
+    >>> y = native.narrow_conv3d(x, w, b) if native.available() else F.conv3d(x, w, b, padding=1)
+    >>> bool(torch.allclose(y, F.conv3d(x, w, b, padding=1), atol=1e-4))
+    True
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["available", "status", "narrow_conv3d", "pointwise_chain", "FLAGS"]
+
+_SOURCES = tuple(Path(__file__).with_name(n) for n in ("narrow_conv3d.c", "pointwise_chain.c"))
+FLAGS = ("-O3", "-mavx2", "-mfma", "-shared", "-fPIC", "-std=c11")
+"""The compiler flags (AVX2 + FMA: the library only loads on CPUs that have both)."""
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+_pool: Optional[ThreadPoolExecutor] = None
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("TUCKER_FX_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "tucker_fx")
+    return Path(root) / "native"
+
+
+def _cpu_ok() -> Optional[str]:
+    """None if this CPU runs the library, else why not."""
+    if sys.platform not in ("linux", "darwin") or os.uname().machine not in ("x86_64", "AMD64"):
+        return f"not an x86-64 Linux/macOS machine ({sys.platform}, {os.uname().machine})"
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability not in ("AVX2", "AVX512"):
+        return f"the CPU lacks AVX2 + FMA (torch reports {capability!r})"
+    return None
+
+
+def _build() -> ctypes.CDLL:
+    source = b"".join(p.read_bytes() for p in _SOURCES)
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if compiler is None:
+        raise RuntimeError("no C compiler found (cc, gcc, clang or $CC)")
+    key = hashlib.sha256(source + " ".join((compiler,) + FLAGS).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"tucker_fx_native-{key}.so"
+    if not target.exists():
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            where = target.parent
+        except OSError:
+            where = Path(tempfile.mkdtemp(prefix="tucker_fx_native_"))
+            target = where / target.name
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=where)
+        os.close(fd)
+        done = subprocess.run([compiler, *FLAGS, *map(str, _SOURCES), "-o", tmp], capture_output=True, text=True)
+        if done.returncode != 0:
+            os.unlink(tmp)
+            raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[:500]}")
+        os.replace(tmp, target)  # atomic: another process may be building the same file
+    lib = ctypes.CDLL(str(target))
+    fn = lib.tfx_narrow_conv3d
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 7
+    fn = lib.tfx_pointwise_chain
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 3 + [ctypes.c_long, ctypes.c_float, ctypes.c_long, ctypes.c_long]
+    return lib
+
+
+def _library() -> Optional[ctypes.CDLL]:
+    with _lock:
+        if "lib" not in _state:
+            why: Optional[str] = None
+            lib = None
+            if os.environ.get("TUCKER_FX_NATIVE", "1") == "0":
+                why = "disabled by TUCKER_FX_NATIVE=0"
+            else:
+                why = _cpu_ok()
+            if why is None:
+                try:
+                    lib = _build()
+                except Exception as e:  # no compiler, a failed build, a library that does not load
+                    why = f"build failed: {e}"
+            _state["lib"], _state["why"] = lib, why or "loaded"
+        return _state["lib"]  # type: ignore[return-value]
+
+
+def available() -> bool:
+    """Whether the native kernel runs on this machine (builds it on the first call)."""
+    return _library() is not None
+
+
+def status() -> str:
+    """``"loaded"``, or why the native kernel does not run here."""
+    _library()
+    return str(_state["why"])
+
+
+def narrow_conv3d(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``F.conv3d(x, weight, bias, padding=1)`` for float32 CPU tensors, on the native kernel.
+
+    Raises ``RuntimeError`` when :func:`available` is False; the caller checks first. The output
+    planes are split over ``torch.get_num_threads()`` threads."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError(f"tucker_fx native kernel: not available ({status()})")
+    if x.dim() != 5 or weight.dim() != 5 or tuple(weight.shape[2:]) != (3, 3, 3) or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"narrow_conv3d: expected x (N, C, D, H, W) and weight (O, C, 3, 3, 3), "
+                         f"got {tuple(x.shape)} and {tuple(weight.shape)}")
+    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+        if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu"):
+            raise ValueError(f"narrow_conv3d: expected float32 CPU tensors, got {name} {t.dtype} on {t.device}")
+    x, weight = x.contiguous(), weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    n, c, d, h, w = x.shape
+    o = weight.shape[0]
+    y = torch.empty((n, o, d, h, w), dtype=x.dtype)
+    fn = lib.tfx_narrow_conv3d
+    bp = bias.data_ptr() if bias is not None else None
+    threads = max(1, min(torch.get_num_threads(), d // 4))
+    bounds = [d * i // threads for i in range(threads + 1)]
+    jobs = [(x[i].data_ptr(), y[i].data_ptr(), lo, hi) for i in range(n) for lo, hi in zip(bounds, bounds[1:])]
+    if any(_run(lambda j: fn(j[0], weight.data_ptr(), bp, j[1], c, o, d, h, w, j[2], j[3]), jobs, threads)):
+        raise MemoryError("narrow_conv3d: the native kernel could not allocate its buffers")
+    return y
+
+
+MAX_CHAIN = (64, 512, 64)
+"""The largest (R1, C, R2) that :func:`pointwise_chain` takes."""
+
+
+def pointwise_chain(z: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Optional[Tensor], slope: float) -> Tensor:
+    """``W2 act(W1 z + b1) + b2`` over the positions of ``z`` (N, R1, *spatial), with ``act`` a leaky
+    ReLU of ``slope`` (0: ReLU): a 1x1 conv, an activation and a 1x1 conv, the C-channel map between
+    never written. ``w1`` (C, R1) and ``b1`` (C,) may carry a leading N (per-sample weights, as a
+    norm folded into ``w1`` gives); ``w2`` is (R2, C). Float32 CPU tensors.
+
+    Example:
+        >>> z, w1, b1, w2 = torch.randn(1, 4, 3, 5, 7), torch.randn(16, 4), torch.randn(16), torch.randn(4, 16)
+        >>> ref = torch.einsum("oc,ncdhw->nodhw", w2, torch.relu(torch.einsum("cr,nrdhw->ncdhw", w1, z)
+        ...                                                                   + b1[:, None, None, None]))
+        >>> y = pointwise_chain(z, w1, b1, w2, None, 0.0) if available() else ref
+        >>> bool(torch.allclose(y, ref, atol=1e-4))
+        True
+    """
+    lib = _library()
+    if lib is None:
+        raise RuntimeError(f"tucker_fx native kernel: not available ({status()})")
+    n, r1 = z.shape[:2]
+    c, r2 = w1.shape[-2], w2.shape[0]
+    if (w1.shape[-1] != r1 or w2.shape != (r2, c) or b1.shape[-1] != c or (b2 is not None and b2.shape != (r2,))
+            or w1.dim() not in (2, 3) or (w1.dim() == 3 and w1.shape[0] != n) or b1.dim() != w1.dim() - 1):
+        raise ValueError(f"pointwise_chain: expected z (N, R1, ...), w1 ([N,] C, R1), b1 ([N,] C), w2 (R2, C), "
+                         f"b2 (R2,), got {tuple(z.shape)}, {tuple(w1.shape)}, {tuple(b1.shape)}, {tuple(w2.shape)}, "
+                         f"{None if b2 is None else tuple(b2.shape)}")
+    if r1 > MAX_CHAIN[0] or c > MAX_CHAIN[1] or r2 > MAX_CHAIN[2]:
+        raise ValueError(f"pointwise_chain: at most (R1, C, R2) = {MAX_CHAIN}, got {(r1, c, r2)}")
+    for name, t in (("z", z), ("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
+        if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu"):
+            raise ValueError(f"pointwise_chain: expected float32 CPU tensors, got {name} {t.dtype} on {t.device}")
+    z, w1, b1, w2 = z.contiguous(), w1.contiguous(), b1.contiguous(), w2.contiguous()
+    b2 = None if b2 is None else b2.contiguous()
+    positions = z[0, 0].numel() if n else 0
+    y = torch.empty((n, r2) + tuple(z.shape[2:]), dtype=z.dtype)
+    per_sample = w1.dim() == 3
+    threads = max(1, min(torch.get_num_threads(), positions // 4096))
+    bounds = [positions * i // threads // 16 * 16 for i in range(threads)] + [positions]
+    jobs = [(i, lo, hi) for i in range(n) for lo, hi in zip(bounds, bounds[1:]) if hi > lo]
+    fn, b2p = lib.tfx_pointwise_chain, None if b2 is None else b2.data_ptr()
+
+    def one(job: tuple[int, int, int]) -> int:
+        i, lo, hi = job
+        w, b = (w1[i], b1[i]) if per_sample else (w1, b1)
+        return fn(z[i].data_ptr(), w.data_ptr(), b.data_ptr(), w2.data_ptr(), b2p, y[i].data_ptr(), r1, c, r2,
+                  positions, float(slope), lo, hi)
+
+    if any(_run(one, jobs, threads)):
+        raise ValueError("pointwise_chain: the native kernel refused its shapes")
+    return y
+
+
+def _run(fn: Callable[[Any], int], jobs: list, threads: int) -> list[int]:
+    """``fn`` over ``jobs``, on ``threads`` threads (ctypes releases the GIL during each call)."""
+    if threads == 1 or len(jobs) == 1:
+        return [fn(j) for j in jobs]
+    global _pool
+    with _lock:
+        if _pool is None or _pool._max_workers < threads:  # type: ignore[attr-defined]
+            _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="tucker_fx_native")
+    return list(_pool.map(fn, jobs))

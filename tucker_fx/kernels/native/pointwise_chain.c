@@ -1,0 +1,101 @@
+/* tucker_fx: y = W2 act(W1 z + b1) + b2 over positions, the wide map never written (AVX2 + FMA, float32).
+
+   z: (R1, P) contiguous; W1: (C, R1); b1: C floats; W2: (R2, C); b2: R2 floats or NULL;
+   y: (R2, P) contiguous; act(h) = h for h > 0, slope * h otherwise (slope 0: ReLU, 1: none).
+   Only the positions p0 <= p < p1 are written (threads split them). Returns 0.
+
+   A Tucker block's last factor (R1 -> C channels), its norm and activation, and the next block's
+   first factor (C -> R2) are, per position, two small matrix products around an elementwise
+   function. Computed 16 positions at a time, the C-channel intermediate lives in a 16 x C buffer
+   on the stack (L1) instead of a full-width map in memory (16 MB for 16 channels at 64^3). */
+#include <immintrin.h>
+#include <string.h>
+
+#define PW 16
+#define CMAX 512
+
+static inline __m256 act(__m256 h, __m256 slope) {
+    const __m256 zero = _mm256_setzero_ps();
+    return _mm256_blendv_ps(_mm256_mul_ps(h, slope), h, _mm256_cmp_ps(h, zero, _CMP_GT_OQ));
+}
+
+int tfx_pointwise_chain(const float* z, const float* w1, const float* b1, const float* w2, const float* b2,
+                        float* y, int R1, int C, int R2, long P, float slope_, long p0, long p1) {
+    if (C > CMAX) return -1;
+    __m256 h[2 * CMAX];
+    const __m256 slope = _mm256_set1_ps(slope_);
+    float zt[64 * PW] __attribute__((aligned(32)));
+    float yt[64 * PW] __attribute__((aligned(32)));
+    if (R1 > 64 || R2 > 64) return -1;
+    for (long p = p0; p < p1; p += PW) {
+        const int n = p1 - p < PW ? (int)(p1 - p) : PW;
+        const float* zp;
+        long zs;
+        if (n == PW) { zp = z + p; zs = P; }
+        else {  /* a short tail: through a zero-padded copy */
+            memset(zt, 0, sizeof zt);
+            for (int r = 0; r < R1; r++) memcpy(zt + r * PW, z + r * P + p, n * sizeof(float));
+            zp = zt; zs = PW;
+        }
+        /* h = act(W1 z + b1), 4 channels x 16 positions at a time */
+        int c = 0;
+        for (; c + 4 <= C; c += 4) {
+            __m256 a00 = _mm256_set1_ps(b1[c]), a01 = a00, a10 = _mm256_set1_ps(b1[c + 1]), a11 = a10;
+            __m256 a20 = _mm256_set1_ps(b1[c + 2]), a21 = a20, a30 = _mm256_set1_ps(b1[c + 3]), a31 = a30;
+            for (int r = 0; r < R1; r++) {
+                const __m256 x0 = _mm256_loadu_ps(zp + r * zs), x1 = _mm256_loadu_ps(zp + r * zs + 8);
+                const __m256 u0 = _mm256_broadcast_ss(w1 + (long)c * R1 + r), u1 = _mm256_broadcast_ss(w1 + (long)(c + 1) * R1 + r);
+                const __m256 u2 = _mm256_broadcast_ss(w1 + (long)(c + 2) * R1 + r), u3 = _mm256_broadcast_ss(w1 + (long)(c + 3) * R1 + r);
+                a00 = _mm256_fmadd_ps(u0, x0, a00); a01 = _mm256_fmadd_ps(u0, x1, a01);
+                a10 = _mm256_fmadd_ps(u1, x0, a10); a11 = _mm256_fmadd_ps(u1, x1, a11);
+                a20 = _mm256_fmadd_ps(u2, x0, a20); a21 = _mm256_fmadd_ps(u2, x1, a21);
+                a30 = _mm256_fmadd_ps(u3, x0, a30); a31 = _mm256_fmadd_ps(u3, x1, a31);
+            }
+            h[2 * c] = act(a00, slope); h[2 * c + 1] = act(a01, slope);
+            h[2 * c + 2] = act(a10, slope); h[2 * c + 3] = act(a11, slope);
+            h[2 * c + 4] = act(a20, slope); h[2 * c + 5] = act(a21, slope);
+            h[2 * c + 6] = act(a30, slope); h[2 * c + 7] = act(a31, slope);
+        }
+        for (; c < C; c++) {
+            __m256 a0 = _mm256_set1_ps(b1[c]), a1 = a0;
+            for (int r = 0; r < R1; r++) {
+                const __m256 u = _mm256_broadcast_ss(w1 + (long)c * R1 + r);
+                a0 = _mm256_fmadd_ps(u, _mm256_loadu_ps(zp + r * zs), a0);
+                a1 = _mm256_fmadd_ps(u, _mm256_loadu_ps(zp + r * zs + 8), a1);
+            }
+            h[2 * c] = act(a0, slope); h[2 * c + 1] = act(a1, slope);
+        }
+        /* y = W2 h + b2, 4 channels x 16 positions at a time */
+        float* yp = n == PW ? y + p : yt;
+        const long ys = n == PW ? P : PW;
+        int o = 0;
+        for (; o + 4 <= R2; o += 4) {
+            __m256 a00 = _mm256_set1_ps(b2 ? b2[o] : 0.f), a01 = a00, a10 = _mm256_set1_ps(b2 ? b2[o + 1] : 0.f), a11 = a10;
+            __m256 a20 = _mm256_set1_ps(b2 ? b2[o + 2] : 0.f), a21 = a20, a30 = _mm256_set1_ps(b2 ? b2[o + 3] : 0.f), a31 = a30;
+            for (int k = 0; k < C; k++) {
+                const __m256 x0 = h[2 * k], x1 = h[2 * k + 1];
+                const __m256 u0 = _mm256_broadcast_ss(w2 + (long)o * C + k), u1 = _mm256_broadcast_ss(w2 + (long)(o + 1) * C + k);
+                const __m256 u2 = _mm256_broadcast_ss(w2 + (long)(o + 2) * C + k), u3 = _mm256_broadcast_ss(w2 + (long)(o + 3) * C + k);
+                a00 = _mm256_fmadd_ps(u0, x0, a00); a01 = _mm256_fmadd_ps(u0, x1, a01);
+                a10 = _mm256_fmadd_ps(u1, x0, a10); a11 = _mm256_fmadd_ps(u1, x1, a11);
+                a20 = _mm256_fmadd_ps(u2, x0, a20); a21 = _mm256_fmadd_ps(u2, x1, a21);
+                a30 = _mm256_fmadd_ps(u3, x0, a30); a31 = _mm256_fmadd_ps(u3, x1, a31);
+            }
+            _mm256_storeu_ps(yp + o * ys, a00); _mm256_storeu_ps(yp + o * ys + 8, a01);
+            _mm256_storeu_ps(yp + (o + 1) * ys, a10); _mm256_storeu_ps(yp + (o + 1) * ys + 8, a11);
+            _mm256_storeu_ps(yp + (o + 2) * ys, a20); _mm256_storeu_ps(yp + (o + 2) * ys + 8, a21);
+            _mm256_storeu_ps(yp + (o + 3) * ys, a30); _mm256_storeu_ps(yp + (o + 3) * ys + 8, a31);
+        }
+        for (; o < R2; o++) {
+            __m256 a0 = _mm256_set1_ps(b2 ? b2[o] : 0.f), a1 = a0;
+            for (int k = 0; k < C; k++) {
+                const __m256 u = _mm256_broadcast_ss(w2 + (long)o * C + k);
+                a0 = _mm256_fmadd_ps(u, h[2 * k], a0);
+                a1 = _mm256_fmadd_ps(u, h[2 * k + 1], a1);
+            }
+            _mm256_storeu_ps(yp + o * ys, a0); _mm256_storeu_ps(yp + o * ys + 8, a1);
+        }
+        if (n < PW) for (int r = 0; r < R2; r++) memcpy(y + r * P + p, yt + r * PW, n * sizeof(float));
+    }
+    return 0;
+}

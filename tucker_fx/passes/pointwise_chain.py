@@ -1,0 +1,128 @@
+"""Graph pass: a widening 1x1 product, a ReLU/LeakyReLU and a narrowing 1x1 product become one node.
+
+After a decomposition, ``conv -> [norm] -> act -> conv`` is ``... -> last -> [norm] -> act ->
+first -> ...``: ``last`` widens a core's R1 channels to C, ``first`` narrows them to R2, and the
+C-channel map between them is written, activated in place and read again, at full width, the
+work a decomposition does not cut. Where ``last`` (a :class:`~tucker_fx.kernels.pointwise.PointwiseConv`
+or, with the norm folded in, a :class:`~tucker_fx.kernels.norm_fold.NormedPointwise`) is read
+only by the activation and the activation only by ``first``, the three nodes become one
+:class:`~tucker_fx.kernels.pointwise_chain.PointwiseChain`, computed on the native kernel without
+the wide map (``kernels/pointwise_chain.py`` has the measurements). Applies where C is at least
+twice R1 and R2 (a wide map to avoid) and the native kernel runs here
+(:func:`tucker_fx.kernels.native.available`; the rule is then deterministic, so
+``tucker_fx.load`` rebuilds the same graph on this machine). Exact up to rounding; the new node
+carries ``first``'s ``tensor_meta``.
+
+Example:
+    >>> import torch, torch.nn as nn
+    >>> from tucker_fx.analysis.shapes import propagate_shapes
+    >>> from tucker_fx.passes.fast_kernels import UseFastKernels
+    >>> from tucker_fx.passes.pointwise_chain import FusePointwiseChains
+    >>> net = nn.Sequential(nn.Conv3d(4, 16, 1), nn.ReLU(), nn.Conv3d(16, 4, 1)).eval()
+    >>> gm = torch.fx.symbolic_trace(net)
+    >>> x = torch.randn(1, 4, 8, 8, 8)
+    >>> propagate_shapes(gm, (x,))
+    >>> _ = UseFastKernels()(gm)
+    >>> from tucker_fx.kernels import native
+    >>> FusePointwiseChains()(gm).modified == native.available()
+    True
+    >>> bool(torch.allclose(gm(x), net(x), atol=1e-5))
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch.fx as fx
+
+from tucker_fx._internal.meta import NOTES_KEY
+from tucker_fx.analysis.cost_registry import REGISTRY, CostContext, OpCost
+from tucker_fx.kernels import native
+from tucker_fx.kernels.norm_fold import NormedPointwise
+from tucker_fx.kernels.pointwise import PointwiseConv
+from tucker_fx.kernels.pointwise_chain import PointwiseChain, activation_slope
+from tucker_fx.passes.runner import PassResult
+
+__all__ = ["FusePointwiseChains"]
+
+
+def _single_module_call(node: object) -> bool:
+    return (isinstance(node, fx.Node) and node.op == "call_module" and len(node.args) == 1 and not node.kwargs
+            and isinstance(node.args[0], fx.Node))
+
+
+def _free_name(gm: fx.GraphModule, base: str) -> str:
+    name, i = base, 1
+    while hasattr(gm, name):
+        name, i = f"{base}_{i}", i + 1
+    return name
+
+
+@dataclass
+class FusePointwiseChains:
+    """``first -> act -> second`` 1x1 chains as one native node (see the module docstring)."""
+
+    name: str = "fuse_pointwise_chains"
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        if not native.available():
+            return PassResult(gm, False)
+        done: list[str] = []
+        fused: dict[tuple[str, str, str], str] = {}
+        for act_node in list(gm.graph.nodes):
+            if not _single_module_call(act_node) or len(act_node.users) != 1:
+                continue
+            first_node, second_node = act_node.args[0], next(iter(act_node.users))
+            if not (_single_module_call(first_node) and list(first_node.users) == [act_node]
+                    and _single_module_call(second_node) and second_node.args[0] is act_node):
+                continue
+            act = gm.get_submodule(str(act_node.target))
+            first, second = gm.get_submodule(str(first_node.target)), gm.get_submodule(str(second_node.target))
+            if activation_slope(act) is None or not isinstance(first, (PointwiseConv, NormedPointwise)):
+                continue
+            if not isinstance(second, PointwiseConv):
+                continue
+            r1, c, r2 = first.weight.shape[1], first.weight.shape[0], second.weight.shape[0]
+            if c < 2 * max(r1, r2) or any(a > b for a, b in zip((r1, c, r2), native.MAX_CHAIN)):
+                continue
+            try:
+                module = PointwiseChain(first, act, second)
+            except ValueError:
+                continue  # strided or relaid-out products (channels_last_cores): left as they are
+            key = (str(first_node.target), str(act_node.target), str(second_node.target))
+            if key not in fused:
+                fused[key] = _free_name(gm, str(second_node.target).replace(".", "_") + "_chain")
+                gm.add_submodule(fused[key], module)
+            with gm.graph.inserting_before(second_node):
+                new = gm.graph.call_module(fused[key], (first_node.args[0],))
+            new.meta.update(second_node.meta)
+            second_node.replace_all_uses_with(new)
+            for n in (second_node, act_node, first_node):
+                gm.graph.erase_node(n)
+            done.append(f"{first_node.name} -> {act_node.name} -> {second_node.name}")
+        if done:
+            gm.graph.lint()
+            # the three modules stay registered (a block's per-layer check calls them); the chain
+            # holds them, so nothing is duplicated or trained apart
+            gm.recompile()
+            gm.meta.setdefault(NOTES_KEY, []).append(
+                "1x1 -> activation -> 1x1 chains on the native kernel, the wide map never written: " + ", ".join(done))
+        return PassResult(gm, bool(done))
+
+
+@REGISTRY.register(PointwiseChain)
+def _chain_cost(ctx: CostContext) -> OpCost:
+    """The two products (and a folded norm's Gram matrix), as the three nodes counted them."""
+    assert isinstance(ctx.module, PointwiseChain) and ctx.in_shapes and ctx.in_shapes[0] is not None
+    n, r1 = ctx.in_shapes[0][:2]
+    positions = n * math.prod(ctx.in_shapes[0][2:])
+    m = ctx.module
+    c, r2 = m.first.weight.shape[0], m.second.weight.shape[0]
+    macs = positions * c * (r1 + r2)
+    other = positions * c  # the activation
+    if isinstance(m.first, NormedPointwise):
+        macs += positions * r1 * r1
+        other += 3 * positions * r1
+    return OpCost("conv", macs=macs, other_flops=other)
