@@ -41,12 +41,12 @@ def test_pipelines_are_declared_in_order() -> None:
     assert [s.name for s in COMPRESS] == ["fold_batchnorm", "tucker_rewrite", "lower_blocks", "lower_kept_convs",
                                           "pool_before_activation", "lower_max_pools", "merge_linear",
                                           "drop_noop_pads", "separable_interpolate", "fast_kernels",
-                                          "cat_into_pointwise", "fold_norm_into_pointwise", "channels_last_cores", "write_in_place",
-                                       "plan_workspace"]
+                                          "cat_into_pointwise", "fold_norm_into_pointwise", "channels_last_cores",
+                                          "fuse_pointwise_chains", "write_in_place", "plan_workspace"]
     assert [s.name for s in LOWER] == ["fold_batchnorm", "lower_convs", "pool_before_activation",
                                        "lower_max_pools", "merge_linear", "drop_noop_pads", "separable_interpolate", "fast_kernels",
-                                       "cat_into_pointwise", "fold_norm_into_pointwise", "channels_last_cores", "write_in_place",
-                                       "plan_workspace"]
+                                       "cat_into_pointwise", "fold_norm_into_pointwise", "channels_last_cores",
+                                       "fuse_pointwise_chains", "write_in_place", "plan_workspace"]
     check_stages(DECOMPOSE, FACTS, given=("shapes", "sites", "plan"))
     with pytest.raises(PassError, match="'tucker_rewrite' requires 'plan'"):
         check_stages(COMPRESS, FACTS, given=("shapes", "sites"))  # planning runs between PREPARE and DECOMPOSE

@@ -12,7 +12,7 @@ from tucker_fx.analysis.shapes import propagate_shapes
 from tucker_fx.kernels import native
 from tucker_fx.kernels.norm_fold import NormedPointwise
 from tucker_fx.kernels.pointwise import PointwiseConv
-from tucker_fx.kernels.pointwise_chain import PointwiseChain, activation_slope
+from tucker_fx.kernels.pointwise_chain import PointwiseAdd, PointwiseChain, activation_slope
 from tucker_fx.passes.fast_kernels import UseFastKernels
 from tucker_fx.passes.norm_fold import FoldNormIntoPointwise
 from tucker_fx.passes.pointwise_chain import FusePointwiseChains
@@ -188,3 +188,73 @@ def test_module_compiles_with_inductor() -> None:
     torch._dynamo.reset()
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(chain)(z), second(act(first(z))), rtol=1e-5, atol=1e-4)
+
+
+class _Residual(nn.Module):
+    """A pre-activation block's tail: the last factor's product and the residual sum."""
+
+    def __init__(self, skip_read_again: bool) -> None:
+        super().__init__()
+        self.pre, self.core, self.last = nn.Conv3d(16, 16, 1), nn.Conv3d(16, 4, 1), nn.Conv3d(4, 16, 1)
+        self.skip_read_again = skip_read_again
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skip = self.pre(x)  # a buffer the graph owns
+        y = self.last(self.core(skip)) + skip
+        return y * skip if self.skip_read_again else y
+
+
+@needs_native
+@pytest.mark.parametrize("skip_read_again", [False, True])
+def test_pass_fuses_the_residual_add_in_place_only_where_nothing_else_reads(skip_read_again: bool) -> None:
+    torch.manual_seed(0)
+    net = _Residual(skip_read_again).eval()
+    x = torch.randn(1, 16, 6, 8, 20)
+    gm = _graph(net, x)
+    before = tucker_fx.analyze(gm, x)
+    assert FusePointwiseChains()(gm).modified
+    adds = [gm.get_submodule(str(n.target)) for n in gm.graph.nodes
+            if n.op == "call_module" and isinstance(gm.get_submodule(str(n.target)), PointwiseAdd)]
+    assert len(adds) == 1 and adds[0].inplace is False  # `core` (and maybe the product) read skip too
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), net(x), rtol=1e-5, atol=1e-4)
+    after = tucker_fx.analyze(gm, x)
+    assert after.unsupported == [] and after.total_flops == before.total_flops
+
+
+@needs_native
+def test_pass_writes_the_residual_into_a_buffer_only_the_add_reads() -> None:
+    class Tail(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv3d(4, 16, 1), nn.Conv3d(4, 16, 1)
+
+        def forward(self, z: torch.Tensor) -> torch.Tensor:
+            return self.a(z) + nn.functional.relu(self.b(z))  # made here, read only by the add
+
+    torch.manual_seed(0)
+    net = Tail().eval()
+    z = torch.randn(1, 4, 4, 6, 33)
+    gm = _graph(net, z)
+    assert FusePointwiseChains()(gm).modified
+    adds = [m for m in gm.modules() if isinstance(m, PointwiseAdd)]
+    assert len(adds) == 1 and adds[0].inplace
+    with torch.no_grad():
+        torch.testing.assert_close(gm(z), net(z), rtol=1e-5, atol=1e-5)
+
+
+def test_pointwise_add_module_is_the_sum_on_every_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    last = PointwiseConv.from_conv(nn.Conv3d(4, 16, 1))
+    z, skip = torch.randn(1, 4, 3, 5, 17), torch.randn(1, 16, 3, 5, 17)
+    with torch.no_grad():
+        ref = last(z) + skip
+        torch.testing.assert_close(PointwiseAdd(last)(z, skip), ref, rtol=1e-5, atol=1e-5)
+        s2 = skip.clone()
+        out = PointwiseAdd(last, inplace=True)(z, s2)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        assert out.data_ptr() == s2.data_ptr() or not native.available()
+        monkeypatch.setitem(native._state, "lib", None)
+        torch.testing.assert_close(PointwiseAdd(last)(z, skip), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="PointwiseAdd: expected a stride-1 PointwiseConv"):
+        PointwiseAdd(nn.Conv3d(4, 16, 1))

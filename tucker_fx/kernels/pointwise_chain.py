@@ -37,7 +37,7 @@ from tucker_fx.kernels import native
 from tucker_fx.kernels.norm_fold import NormedPointwise, normed_affine
 from tucker_fx.kernels.pointwise import PointwiseConv
 
-__all__ = ["PointwiseChain", "activation_slope"]
+__all__ = ["PointwiseChain", "PointwiseAdd", "activation_slope"]
 
 
 def activation_slope(act: nn.Module) -> Optional[float]:
@@ -104,3 +104,42 @@ class PointwiseChain(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.first.weight.shape[1]} -> {self.first.weight.shape[0]} -> {self.second.weight.shape[0]}, "
                 f"slope={self.slope}")
+
+
+class PointwiseAdd(nn.Module):
+    """``pointwise(z) + skip`` for a stride-1 :class:`PointwiseConv`: a block's last factor and the
+    residual sum after it, one pass on the native kernel (:func:`tucker_fx.kernels.native.pointwise_add`)
+    instead of a product that writes the full-width map and an add that reads it again. Measured one
+    thread, 4 -> 16 channels at 64^3: 3.5 ms against 5.0 for ``addmm`` and ``add``; 1.9 ms written
+    into ``skip`` (``inplace``, which the graph pass sets where nothing else reads ``skip``).
+    Elsewhere (see :class:`PointwiseChain`) the module and an add.
+
+    Example:
+        >>> from tucker_fx.kernels.pointwise import PointwiseConv
+        >>> last = PointwiseConv.from_conv(nn.Conv3d(4, 16, 1))
+        >>> z, skip = torch.randn(1, 4, 5, 6, 7), torch.randn(1, 16, 5, 6, 7)
+        >>> bool(torch.allclose(PointwiseAdd(last)(z, skip), last(z) + skip, atol=1e-5))
+        True
+    """
+
+    def __init__(self, pointwise: nn.Module, inplace: bool = False) -> None:
+        super().__init__()
+        if not (isinstance(pointwise, PointwiseConv) and _plain(pointwise)):
+            raise ValueError(f"PointwiseAdd: expected a stride-1 PointwiseConv, got {pointwise}")
+        self.pointwise = pointwise
+        self.inplace = inplace
+
+    def forward(self, z: Tensor, skip: Tensor) -> Tensor:
+        w = self.pointwise.weight
+        c = w.shape[0]
+        if (torch.compiler.is_compiling() or is_fake(z) or is_fake(skip) or not native.available()
+                or z.device.type != "cpu" or z.dtype != torch.float32 or skip.dtype != torch.float32
+                or z.dim() < 3 or tuple(skip.shape) != (z.shape[0], c) + tuple(z.shape[2:])
+                or w.shape[1] > native.MAX_CHAIN[1] or not skip.is_contiguous()
+                or (torch.is_grad_enabled() and (z.requires_grad or skip.requires_grad
+                                                 or any(p.requires_grad for p in self.parameters())))):
+            return self.pointwise(z) + skip
+        return native.pointwise_add(z.contiguous(), w.reshape(c, -1), self.pointwise.bias, skip, self.inplace)
+
+    def extra_repr(self) -> str:
+        return f"{self.pointwise.weight.shape[1]} -> {self.pointwise.weight.shape[0]} + skip, inplace={self.inplace}"

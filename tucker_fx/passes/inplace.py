@@ -48,7 +48,7 @@ from tucker_fx.kernels.pointwise import MixParts, MkldnnConv, PointwiseConv
 from tucker_fx.kernels.window_max import WindowMax
 from tucker_fx.passes.runner import PassResult
 
-__all__ = ["WriteInPlace", "returns_new_buffer", "writes_into_input"]
+__all__ = ["WriteInPlace", "returns_new_buffer", "writes_into_input", "owns_buffer", "only_reader"]
 
 _NEW_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear,
                 nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
@@ -73,7 +73,7 @@ _INPLACE_ACT_FUNCTIONS = {F.relu, F.leaky_relu, F.elu, F.hardtanh, F.relu6, F.si
 _ADDS = {operator.add, torch.add, torch.ops.aten.add.Tensor}
 
 
-def _owns(gm: fx.GraphModule, node: object, depth: int = 0) -> bool:
+def owns_buffer(gm: fx.GraphModule, node: object, depth: int = 0) -> bool:
     """``node``'s value is a buffer that nothing outside the graph holds and no other value aliases."""
     if not isinstance(node, fx.Node) or depth > 8:
         return False
@@ -85,7 +85,7 @@ def _owns(gm: fx.GraphModule, node: object, depth: int = 0) -> bool:
             if not getattr(module, "inplace", False):
                 return True
             src = node.args[0] if node.args else None
-            return isinstance(src, fx.Node) and len(src.users) == 1 and _owns(gm, src, depth + 1)
+            return isinstance(src, fx.Node) and len(src.users) == 1 and owns_buffer(gm, src, depth + 1)
         return False
     if node.op == "call_function":
         if node.target in _NEW_FUNCTIONS:
@@ -94,7 +94,7 @@ def _owns(gm: fx.GraphModule, node: object, depth: int = 0) -> bool:
             if not node.kwargs.get("inplace", False):
                 return True
             src = node.args[0] if node.args else None
-            return isinstance(src, fx.Node) and len(src.users) == 1 and _owns(gm, src, depth + 1)
+            return isinstance(src, fx.Node) and len(src.users) == 1 and owns_buffer(gm, src, depth + 1)
     return False
 
 
@@ -148,7 +148,8 @@ def returns_new_buffer(gm: fx.GraphModule, node: fx.Node) -> bool:
     return False
 
 
-def _only_reader(node: object, reader: fx.Node) -> bool:
+def only_reader(node: object, reader: fx.Node) -> bool:
+    """``reader`` is the only node that reads ``node``'s value."""
     return isinstance(node, fx.Node) and list(node.users) == [reader]
 
 
@@ -169,7 +170,7 @@ class WriteInPlace:
             if module.training or not inplace_norm_eligible(module):
                 continue
             # a shared norm is replaced for all its calls: every one must read a buffer only it reads
-            if not all(len(n.args) == 1 and not n.kwargs and _only_reader(n.args[0], n) and _owns(gm, n.args[0])
+            if not all(len(n.args) == 1 and not n.kwargs and only_reader(n.args[0], n) and owns_buffer(gm, n.args[0])
                        for n in nodes):
                 continue
             new = InplaceInstanceNorm(module)
@@ -181,9 +182,9 @@ class WriteInPlace:
                 a, b = node.args
                 if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
                     continue
-                if _only_reader(a, node) and _owns(gm, a):
+                if only_reader(a, node) and owns_buffer(gm, a):
                     node.target = add_into
-                elif _only_reader(b, node) and _owns(gm, b):
+                elif only_reader(b, node) and owns_buffer(gm, b):
                     node.target, node.args = add_into, (b, a)
                 else:
                     continue

@@ -39,7 +39,7 @@ Example:
     >>> run = pipeline_run(TuckerConfig(tuning_cache=False), (x,), holds=())
     >>> gm = run.run(torch.fx.symbolic_trace(net), LOWER)
     >>> run.ran
-    ['fold_batchnorm', 'lower_convs', 'pool_before_activation', 'lower_max_pools', 'merge_linear', 'drop_noop_pads', 'separable_interpolate', 'fast_kernels', 'cat_into_pointwise', 'fold_norm_into_pointwise', 'channels_last_cores', 'write_in_place', 'plan_workspace']
+    ['fold_batchnorm', 'lower_convs', 'pool_before_activation', 'lower_max_pools', 'merge_linear', 'drop_noop_pads', 'separable_interpolate', 'fast_kernels', 'cat_into_pointwise', 'fold_norm_into_pointwise', 'channels_last_cores', 'fuse_pointwise_chains', 'write_in_place', 'plan_workspace']
     >>> bool(torch.allclose(gm(x), net(x), atol=1e-6))
     True
 """

@@ -1,4 +1,6 @@
-"""Graph pass: a widening 1x1 product, a ReLU/LeakyReLU and a narrowing 1x1 product become one node.
+"""Graph pass: 1x1 products fused with their neighbours on the native kernel.
+
+1. A widening 1x1 product, a ReLU/LeakyReLU and a narrowing 1x1 product become one node.
 
 After a decomposition, ``conv -> [norm] -> act -> conv`` is ``... -> last -> [norm] -> act ->
 first -> ...``: ``last`` widens a core's R1 channels to C, ``first`` narrows them to R2, and the
@@ -8,10 +10,15 @@ or, with the norm folded in, a :class:`~tucker_fx.kernels.norm_fold.NormedPointw
 only by the activation and the activation only by ``first``, the three nodes become one
 :class:`~tucker_fx.kernels.pointwise_chain.PointwiseChain`, computed on the native kernel without
 the wide map (``kernels/pointwise_chain.py`` has the measurements). Applies where C is at least
-twice R1 and R2 (a wide map to avoid) and the native kernel runs here
-(:func:`tucker_fx.kernels.native.available`; the rule is then deterministic, so
-``tucker_fx.load`` rebuilds the same graph on this machine). Exact up to rounding; the new node
-carries ``first``'s ``tensor_meta``.
+twice R1 and R2 (a wide map to avoid).
+
+2. A 1x1 product read only by an add of a tensor of its own shape (a block's last factor and the
+residual sum) becomes one :class:`~tucker_fx.kernels.pointwise_chain.PointwiseAdd`, written into
+the other operand where the graph owns it and nothing else reads it (``passes.inplace``'s rule).
+
+Both apply only where the native kernel runs here (:func:`tucker_fx.kernels.native.available`;
+the rules are then deterministic, so ``tucker_fx.load`` rebuilds the same graph on this machine).
+Exact up to rounding; the new node carries the ``tensor_meta`` of the node it replaces.
 
 Example:
     >>> import torch, torch.nn as nn
@@ -33,8 +40,10 @@ Example:
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 
+import torch
 import torch.fx as fx
 
 from tucker_fx._internal.meta import NOTES_KEY
@@ -42,10 +51,13 @@ from tucker_fx.analysis.cost_registry import REGISTRY, CostContext, OpCost
 from tucker_fx.kernels import native
 from tucker_fx.kernels.norm_fold import NormedPointwise
 from tucker_fx.kernels.pointwise import PointwiseConv
-from tucker_fx.kernels.pointwise_chain import PointwiseChain, activation_slope
+from tucker_fx.kernels.pointwise_chain import PointwiseAdd, PointwiseChain, activation_slope
+from tucker_fx.passes.inplace import only_reader, owns_buffer
 from tucker_fx.passes.runner import PassResult
 
 __all__ = ["FusePointwiseChains"]
+
+_ADDS = {operator.add, torch.add, torch.ops.aten.add.Tensor}
 
 
 def _single_module_call(node: object) -> bool:
@@ -102,14 +114,50 @@ class FusePointwiseChains:
             for n in (second_node, act_node, first_node):
                 gm.graph.erase_node(n)
             done.append(f"{first_node.name} -> {act_node.name} -> {second_node.name}")
-        if done:
+        added = self._residual_adds(gm)
+        if done or added:
             gm.graph.lint()
-            # the three modules stay registered (a block's per-layer check calls them); the chain
-            # holds them, so nothing is duplicated or trained apart
+            # the modules stay registered (a block's per-layer check calls them); the fused modules
+            # hold them, so nothing is duplicated or trained apart
             gm.recompile()
-            gm.meta.setdefault(NOTES_KEY, []).append(
-                "1x1 -> activation -> 1x1 chains on the native kernel, the wide map never written: " + ", ".join(done))
-        return PassResult(gm, bool(done))
+            notes = gm.meta.setdefault(NOTES_KEY, [])
+            if done:
+                notes.append("1x1 -> activation -> 1x1 chains on the native kernel, the wide map never written: "
+                             + ", ".join(done))
+            if added:
+                notes.append("1x1 products and the residual add after them in one native pass: " + ", ".join(added))
+        return PassResult(gm, bool(done or added))
+
+    @staticmethod
+    def _residual_adds(gm: fx.GraphModule) -> list[str]:
+        added: list[str] = []
+        for add in list(gm.graph.nodes):
+            if not (add.op == "call_function" and add.target in _ADDS and len(add.args) == 2 and not add.kwargs):
+                continue
+            for conv_node, skip in (add.args, add.args[::-1]):
+                if not (_single_module_call(conv_node) and list(conv_node.users) == [add] and isinstance(skip, fx.Node)):
+                    continue
+                conv = gm.get_submodule(str(conv_node.target))
+                out_meta, skip_meta = conv_node.meta.get("tensor_meta"), skip.meta.get("tensor_meta")
+                if not (isinstance(conv, PointwiseConv) and out_meta is not None and skip_meta is not None
+                        and tuple(out_meta.shape) == tuple(skip_meta.shape) and out_meta.dtype == skip_meta.dtype
+                        and conv.weight.shape[1] <= native.MAX_CHAIN[1]):
+                    continue
+                try:
+                    module = PointwiseAdd(conv, inplace=only_reader(skip, add) and owns_buffer(gm, skip))
+                except ValueError:
+                    continue
+                name = _free_name(gm, str(conv_node.target).replace(".", "_") + "_add")
+                gm.add_submodule(name, module)
+                with gm.graph.inserting_before(add):
+                    new = gm.graph.call_module(name, (conv_node.args[0], skip))
+                new.meta.update(add.meta)
+                add.replace_all_uses_with(new)
+                gm.graph.erase_node(add)
+                gm.graph.erase_node(conv_node)
+                added.append(f"{conv_node.name} + {skip.name}" + (" (in place)" if module.inplace else ""))
+                break
+        return added
 
 
 @REGISTRY.register(PointwiseChain)
@@ -126,3 +174,12 @@ def _chain_cost(ctx: CostContext) -> OpCost:
         macs += positions * r1 * r1
         other += 3 * positions * r1
     return OpCost("conv", macs=macs, other_flops=other)
+
+
+@REGISTRY.register(PointwiseAdd)
+def _pointwise_add_cost(ctx: CostContext) -> OpCost:
+    """The product and the add, as the two nodes counted them."""
+    assert isinstance(ctx.module, PointwiseAdd) and ctx.out_shape is not None
+    w = ctx.module.pointwise.weight
+    outputs = math.prod(ctx.out_shape)
+    return OpCost("conv", macs=outputs * w.shape[1], other_flops=outputs)

@@ -6,7 +6,8 @@
   that, and they were the largest item of the compressed MONAI SegResNet's profile
   (``docs/benchmarks.md``). This kernel runs them at 25-31 GMAC/s on one thread.
 - ``pointwise_chain.c``: ``W2 act(W1 z + b1) + b2`` per position, a block's last factor, its
-  norm and activation and the next block's first factor without the full-width map between them.
+  norm and activation and the next block's first factor without the full-width map between them;
+  and ``W z + b + skip``, a last factor and the residual sum after it in one pass.
 
 Both are AVX2 + FMA, float32. The library is compiled once per source and flags with ``cc`` (or ``$CC``) into
 ``$TUCKER_FX_CACHE_DIR/native`` (default ``~/.cache/tucker_fx/native``) and loaded with
@@ -40,7 +41,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["available", "status", "narrow_conv3d", "pointwise_chain", "FLAGS"]
+__all__ = ["available", "status", "narrow_conv3d", "pointwise_chain", "pointwise_add", "FLAGS"]
 
 _SOURCES = tuple(Path(__file__).with_name(n) for n in ("narrow_conv3d.c", "pointwise_chain.c"))
 FLAGS = ("-O3", "-mavx2", "-mfma", "-shared", "-fPIC", "-std=c11")
@@ -94,6 +95,9 @@ def _build() -> ctypes.CDLL:
     fn = lib.tfx_pointwise_chain
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 3 + [ctypes.c_long, ctypes.c_float, ctypes.c_long, ctypes.c_long]
+    fn = lib.tfx_pointwise_add
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 2 + [ctypes.c_long] * 3
     return lib
 
 
@@ -206,6 +210,54 @@ def pointwise_chain(z: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Optional[
 
     if any(_run(one, jobs, threads)):
         raise ValueError("pointwise_chain: the native kernel refused its shapes")
+    return y
+
+
+def pointwise_add(z: Tensor, weight: Tensor, bias: Optional[Tensor], skip: Tensor, inplace: bool = False) -> Tensor:
+    """``W z + b + skip`` over the positions of ``z`` (N, R, *spatial), with ``weight`` (C, R) and
+    ``skip`` (N, C, *spatial): a 1x1 conv and the residual sum after it in one pass. ``inplace``:
+    the result is written into ``skip`` (which must be contiguous). Float32 CPU tensors.
+
+    Example:
+        >>> z, w, skip = torch.randn(1, 4, 3, 5, 7), torch.randn(16, 4), torch.randn(1, 16, 3, 5, 7)
+        >>> ref = torch.einsum("cr,nrdhw->ncdhw", w, z) + skip
+        >>> y = pointwise_add(z, w, None, skip) if available() else ref
+        >>> bool(torch.allclose(y, ref, atol=1e-5))
+        True
+    """
+    lib = _library()
+    if lib is None:
+        raise RuntimeError(f"tucker_fx native kernel: not available ({status()})")
+    n, r = z.shape[:2]
+    c = weight.shape[0]
+    if (weight.shape != (c, r) or tuple(skip.shape) != (n, c) + tuple(z.shape[2:])
+            or (bias is not None and bias.shape != (c,))):
+        raise ValueError(f"pointwise_add: expected z (N, R, ...), weight (C, R), bias (C,), skip (N, C, ...), got "
+                         f"{tuple(z.shape)}, {tuple(weight.shape)}, {None if bias is None else tuple(bias.shape)}, "
+                         f"{tuple(skip.shape)}")
+    if r > MAX_CHAIN[1]:
+        raise ValueError(f"pointwise_add: at most {MAX_CHAIN[1]} input channels, got {r}")
+    for name, t in (("z", z), ("weight", weight), ("bias", bias), ("skip", skip)):
+        if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu"):
+            raise ValueError(f"pointwise_add: expected float32 CPU tensors, got {name} {t.dtype} on {t.device}")
+    if inplace and not skip.is_contiguous():
+        raise ValueError("pointwise_add: inplace needs a contiguous skip")
+    z, weight = z.contiguous(), weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    skip = skip.contiguous()
+    y = skip if inplace else torch.empty_like(skip)
+    positions = z[0, 0].numel() if n else 0
+    threads = max(1, min(torch.get_num_threads(), positions // 4096))
+    bounds = [positions * i // threads // 256 * 256 for i in range(threads)] + [positions]
+    jobs = [(i, lo, hi) for i in range(n) for lo, hi in zip(bounds, bounds[1:]) if hi > lo]
+    fn, bp = lib.tfx_pointwise_add, None if bias is None else bias.data_ptr()
+
+    def one(job: tuple[int, int, int]) -> int:
+        i, lo, hi = job
+        return fn(z[i].data_ptr(), weight.data_ptr(), bp, skip[i].data_ptr(), y[i].data_ptr(), r, c, positions, lo, hi)
+
+    if any(_run(one, jobs, threads)):
+        raise ValueError("pointwise_add: the native kernel refused its shapes")
     return y
 
 
