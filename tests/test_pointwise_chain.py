@@ -12,7 +12,7 @@ from tucker_fx.analysis.shapes import propagate_shapes
 from tucker_fx.kernels import native
 from tucker_fx.kernels.norm_fold import NormedPointwise
 from tucker_fx.kernels.pointwise import PointwiseConv
-from tucker_fx.kernels.pointwise_chain import PointwiseAdd, PointwiseChain, activation_slope
+from tucker_fx.kernels.pointwise_chain import NormActPointwise, PointwiseAdd, PointwiseChain, activation_slope
 from tucker_fx.passes.fast_kernels import UseFastKernels
 from tucker_fx.passes.norm_fold import FoldNormIntoPointwise
 from tucker_fx.passes.pointwise_chain import FusePointwiseChains
@@ -139,8 +139,8 @@ def test_pass_fuses_the_chain_keeps_the_output_and_the_counts(fold: bool) -> Non
     if fold:  # NormedPointwise -> LeakyReLU -> PointwiseConv
         assert result.modified and kinds == ["PointwiseChain", "NarrowConv3d"]
         assert "1x1 -> activation -> 1x1 chains on the native kernel" in " ".join(gm.meta["tucker_fx.notes"])
-    else:  # a GroupNorm between: not a chain
-        assert not result.modified and kinds[0] == "PointwiseConv"
+    else:  # the norm not folded: GroupNorm -> LeakyReLU -> PointwiseConv is the pre-activation head
+        assert result.modified and kinds == ["PointwiseConv", "NormActPointwise", "NarrowConv3d"]
     with torch.no_grad():
         torch.testing.assert_close(gm(x), net(x), rtol=1e-5, atol=1e-4)
     after = tucker_fx.analyze(gm, x)
@@ -258,3 +258,26 @@ def test_pointwise_add_module_is_the_sum_on_every_path(monkeypatch: pytest.Monke
         torch.testing.assert_close(PointwiseAdd(last)(z, skip), ref, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="PointwiseAdd: expected a stride-1 PointwiseConv"):
         PointwiseAdd(nn.Conv3d(4, 16, 1))
+
+
+
+@pytest.mark.parametrize("norm", [nn.GroupNorm(4, 16), nn.GroupNorm(1, 16, affine=False), nn.InstanceNorm3d(16, affine=True)])
+@pytest.mark.parametrize("how", ["eager", "grad", "disabled"])
+def test_norm_act_pointwise_is_its_three_modules(norm: nn.Module, how: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(2)
+    if getattr(norm, "weight", None) is not None:
+        with torch.no_grad():
+            norm.weight.uniform_(0.5, 1.5), norm.bias.uniform_(-1, 1)
+    act, conv = nn.LeakyReLU(0.05), PointwiseConv.from_conv(nn.Conv3d(16, 4, 1))
+    m = NormActPointwise(norm, act, conv)
+    x = torch.randn(2, 16, 4, 5, 19) * 3 + 20  # a mean far from 0: the statistics' shifted sums
+    if how == "disabled":
+        monkeypatch.setitem(native._state, "lib", None)
+    with torch.no_grad():
+        ref = conv(act(norm(x)))
+    with torch.set_grad_enabled(how == "grad"):
+        torch.testing.assert_close(m(x), ref, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="NormActPointwise: expected a GroupNorm or InstanceNorm"):
+        NormActPointwise(nn.BatchNorm3d(16), act, conv)
+    with pytest.raises(ValueError, match="the norm has 8 channels, the product reads 16"):
+        NormActPointwise(nn.GroupNorm(2, 8), act, conv)

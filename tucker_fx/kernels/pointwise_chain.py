@@ -34,10 +34,10 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
 from tucker_fx.kernels import native
-from tucker_fx.kernels.norm_fold import NormedPointwise, normed_affine
+from tucker_fx.kernels.norm_fold import NormedPointwise, foldable_norm, normed_affine
 from tucker_fx.kernels.pointwise import PointwiseConv
 
-__all__ = ["PointwiseChain", "PointwiseAdd", "activation_slope"]
+__all__ = ["PointwiseChain", "PointwiseAdd", "NormActPointwise", "activation_slope"]
 
 
 def activation_slope(act: nn.Module) -> Optional[float]:
@@ -143,3 +143,49 @@ class PointwiseAdd(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.pointwise.weight.shape[1]} -> {self.pointwise.weight.shape[0]} + skip, inplace={self.inplace}"
+
+
+class NormActPointwise(nn.Module):
+    """``pointwise(act(norm(x)))`` for a GroupNorm or an InstanceNorm without running statistics, a
+    ReLU or LeakyReLU and a stride-1 :class:`PointwiseConv`: a pre-activation block's head (the norm
+    of a residual sum, which cannot be folded into a 1x1 conv before it). On the native kernel
+    (:func:`tucker_fx.kernels.native.norm_act_pointwise`) the statistics take one pass over ``x``
+    and the normalised map is never written. Measured one thread, GroupNorm(8, 16), ReLU and
+    16 -> 4 at 64^3: about 4.8 ms against 5.7-7.9 ms for ``group_norm``, ``relu_`` and ``addmm``
+    (and ``torch.var_mean`` alone took 27 ms). Elsewhere (see :class:`PointwiseChain`) its three
+    modules in turn.
+
+    Example:
+        >>> from tucker_fx.kernels.pointwise import PointwiseConv
+        >>> norm, act, conv = nn.GroupNorm(4, 16), nn.ReLU(), PointwiseConv.from_conv(nn.Conv3d(16, 4, 1))
+        >>> x = torch.randn(1, 16, 5, 6, 7)
+        >>> bool(torch.allclose(NormActPointwise(norm, act, conv)(x), conv(act(norm(x))), atol=1e-5))
+        True
+    """
+
+    def __init__(self, norm: nn.Module, act: nn.Module, pointwise: nn.Module) -> None:
+        super().__init__()
+        groups, slope = foldable_norm(norm), activation_slope(act)
+        if groups is None or slope is None or not (isinstance(pointwise, PointwiseConv) and _plain(pointwise)):
+            raise ValueError("NormActPointwise: expected a GroupNorm or InstanceNorm without running statistics, a ReLU "
+                             f"or LeakyReLU and a stride-1 PointwiseConv, got {type(norm).__name__}, "
+                             f"{type(act).__name__}, {type(pointwise).__name__}")
+        c = getattr(norm, "num_channels", None) or getattr(norm, "num_features", None)
+        if pointwise.weight.shape[1] != c:
+            raise ValueError(f"NormActPointwise: the norm has {c} channels, the product reads {pointwise.weight.shape[1]}")
+        self.norm, self.act, self.pointwise = norm, act, pointwise
+        self.groups, self.slope = groups, slope
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.pointwise.weight
+        if (torch.compiler.is_compiling() or is_fake(x) or not native.available() or x.device.type != "cpu"
+                or x.dtype != torch.float32 or x.dim() < 3 or w.shape[0] > native.MAX_CHAIN[2]
+                or w.shape[1] > native.MAX_CHAIN[1] or x[0, 0].numel() < 2
+                or (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())))):
+            return self.pointwise(self.act(self.norm(x)))
+        norm = self.norm
+        return native.norm_act_pointwise(x, self.groups, norm.weight, norm.bias, float(norm.eps), self.slope,
+                                         w.reshape(w.shape[0], -1), self.pointwise.bias)
+
+    def extra_repr(self) -> str:
+        return f"groups={self.groups}, slope={self.slope}, {self.pointwise.weight.shape[1]} -> {self.pointwise.weight.shape[0]}"

@@ -16,7 +16,11 @@ twice R1 and R2 (a wide map to avoid).
 residual sum) becomes one :class:`~tucker_fx.kernels.pointwise_chain.PointwiseAdd`, written into
 the other operand where the graph owns it and nothing else reads it (``passes.inplace``'s rule).
 
-Both apply only where the native kernel runs here (:func:`tucker_fx.kernels.native.available`;
+3. A GroupNorm or InstanceNorm (no running statistics), read only by a ReLU/LeakyReLU read only by
+a 1x1 product that narrows (C >= 2 R), becomes one
+:class:`~tucker_fx.kernels.pointwise_chain.NormActPointwise`: a pre-activation block's head.
+
+All apply only where the native kernel runs here (:func:`tucker_fx.kernels.native.available`;
 the rules are then deterministic, so ``tucker_fx.load`` rebuilds the same graph on this machine).
 Exact up to rounding; the new node carries the ``tensor_meta`` of the node it replaces.
 
@@ -45,13 +49,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+import torch.nn as nn
 
 from tucker_fx._internal.meta import NOTES_KEY
 from tucker_fx.analysis.cost_registry import REGISTRY, CostContext, OpCost
 from tucker_fx.kernels import native
-from tucker_fx.kernels.norm_fold import NormedPointwise
+from tucker_fx.kernels.norm_fold import NormedPointwise, foldable_norm
 from tucker_fx.kernels.pointwise import PointwiseConv
-from tucker_fx.kernels.pointwise_chain import PointwiseAdd, PointwiseChain, activation_slope
+from tucker_fx.kernels.pointwise_chain import NormActPointwise, PointwiseAdd, PointwiseChain, activation_slope
 from tucker_fx.passes.inplace import only_reader, owns_buffer
 from tucker_fx.passes.runner import PassResult
 
@@ -82,7 +87,6 @@ class FusePointwiseChains:
         if not native.available():
             return PassResult(gm, False)
         done: list[str] = []
-        fused: dict[tuple[str, str, str], str] = {}
         for act_node in list(gm.graph.nodes):
             if not _single_module_call(act_node) or len(act_node.users) != 1:
                 continue
@@ -92,7 +96,19 @@ class FusePointwiseChains:
                 continue
             act = gm.get_submodule(str(act_node.target))
             first, second = gm.get_submodule(str(first_node.target)), gm.get_submodule(str(second_node.target))
-            if activation_slope(act) is None or not isinstance(first, (PointwiseConv, NormedPointwise)):
+            if activation_slope(act) is None:
+                continue
+            if foldable_norm(first) is not None and isinstance(second, PointwiseConv):
+                if 2 * second.weight.shape[0] <= second.weight.shape[1] and second.weight.shape[0] <= native.MAX_CHAIN[2] \
+                        and second.weight.shape[1] <= native.MAX_CHAIN[1]:
+                    try:
+                        module = NormActPointwise(first, act, second)
+                    except ValueError:
+                        continue
+                    self._replace(gm, (first_node, act_node, second_node), module, "_normed_act")
+                    done.append(f"{first_node.name} -> {act_node.name} -> {second_node.name}")
+                continue
+            if not isinstance(first, (PointwiseConv, NormedPointwise)):
                 continue
             if not isinstance(second, PointwiseConv):
                 continue
@@ -103,16 +119,7 @@ class FusePointwiseChains:
                 module = PointwiseChain(first, act, second)
             except ValueError:
                 continue  # strided or relaid-out products (channels_last_cores): left as they are
-            key = (str(first_node.target), str(act_node.target), str(second_node.target))
-            if key not in fused:
-                fused[key] = _free_name(gm, str(second_node.target).replace(".", "_") + "_chain")
-                gm.add_submodule(fused[key], module)
-            with gm.graph.inserting_before(second_node):
-                new = gm.graph.call_module(fused[key], (first_node.args[0],))
-            new.meta.update(second_node.meta)
-            second_node.replace_all_uses_with(new)
-            for n in (second_node, act_node, first_node):
-                gm.graph.erase_node(n)
+            self._replace(gm, (first_node, act_node, second_node), module, "_chain")
             done.append(f"{first_node.name} -> {act_node.name} -> {second_node.name}")
         added = self._residual_adds(gm)
         if done or added:
@@ -122,11 +129,24 @@ class FusePointwiseChains:
             gm.recompile()
             notes = gm.meta.setdefault(NOTES_KEY, [])
             if done:
-                notes.append("1x1 -> activation -> 1x1 chains on the native kernel, the wide map never written: "
-                             + ", ".join(done))
+                notes.append("norm or 1x1 -> activation -> 1x1 chains on the native kernel, the wide map never "
+                             "written: " + ", ".join(done))
             if added:
                 notes.append("1x1 products and the residual add after them in one native pass: " + ", ".join(added))
         return PassResult(gm, bool(done or added))
+
+    @staticmethod
+    def _replace(gm: fx.GraphModule, nodes: tuple[fx.Node, fx.Node, fx.Node], module: nn.Module, suffix: str) -> None:
+        """``nodes`` (a chain, each read only by the next) as one call of ``module``."""
+        first_node, act_node, second_node = nodes
+        name = _free_name(gm, str(second_node.target).replace(".", "_") + suffix)
+        gm.add_submodule(name, module)
+        with gm.graph.inserting_before(second_node):
+            new = gm.graph.call_module(name, (first_node.args[0],))
+        new.meta.update(second_node.meta)
+        second_node.replace_all_uses_with(new)
+        for n in (second_node, act_node, first_node):
+            gm.graph.erase_node(n)
 
     @staticmethod
     def _residual_adds(gm: fx.GraphModule) -> list[str]:
@@ -183,3 +203,12 @@ def _pointwise_add_cost(ctx: CostContext) -> OpCost:
     w = ctx.module.pointwise.weight
     outputs = math.prod(ctx.out_shape)
     return OpCost("conv", macs=outputs * w.shape[1], other_flops=outputs)
+
+
+@REGISTRY.register(NormActPointwise)
+def _norm_act_pointwise_cost(ctx: CostContext) -> OpCost:
+    """The product, and the norm's and the activation's elementwise work (a few flops an input)."""
+    assert isinstance(ctx.module, NormActPointwise) and ctx.in_shapes and ctx.in_shapes[0] is not None
+    inputs = math.prod(ctx.in_shapes[0])
+    w = ctx.module.pointwise.weight
+    return OpCost("conv", macs=inputs * w.shape[0], other_flops=5 * inputs)

@@ -7,7 +7,9 @@
   (``docs/benchmarks.md``). This kernel runs them at 25-31 GMAC/s on one thread.
 - ``pointwise_chain.c``: ``W2 act(W1 z + b1) + b2`` per position, a block's last factor, its
   norm and activation and the next block's first factor without the full-width map between them;
-  and ``W z + b + skip``, a last factor and the residual sum after it in one pass.
+  ``W z + b + skip``, a last factor and the residual sum after it in one pass; and
+  ``W act(a z + b) + b2`` with per-channel ``a``, ``b``, a norm (statistics from ``row_moments``),
+  its activation and the next 1x1 product without the normalised map.
 
 Both are AVX2 + FMA, float32. The library is compiled once per source and flags with ``cc`` (or ``$CC``) into
 ``$TUCKER_FX_CACHE_DIR/native`` (default ``~/.cache/tucker_fx/native``) and loaded with
@@ -41,7 +43,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["available", "status", "narrow_conv3d", "pointwise_chain", "pointwise_add", "FLAGS"]
+__all__ = ["available", "status", "narrow_conv3d", "pointwise_chain", "pointwise_add", "norm_act_pointwise", "FLAGS"]
 
 _SOURCES = tuple(Path(__file__).with_name(n) for n in ("narrow_conv3d.c", "pointwise_chain.c"))
 FLAGS = ("-O3", "-mavx2", "-mfma", "-shared", "-fPIC", "-std=c11")
@@ -98,6 +100,12 @@ def _build() -> ctypes.CDLL:
     fn = lib.tfx_pointwise_add
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 2 + [ctypes.c_long] * 3
+    fn = lib.tfx_affine_act_pointwise
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 2 + [ctypes.c_long, ctypes.c_float, ctypes.c_long, ctypes.c_long]
+    fn = lib.tfx_row_moments
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_long] * 4
     return lib
 
 
@@ -258,6 +266,80 @@ def pointwise_add(z: Tensor, weight: Tensor, bias: Optional[Tensor], skip: Tenso
 
     if any(_run(one, jobs, threads)):
         raise ValueError("pointwise_add: the native kernel refused its shapes")
+    return y
+
+
+def norm_act_pointwise(x: Tensor, groups: int, gamma: Optional[Tensor], beta: Optional[Tensor], eps: float,
+                       slope: float, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``W act(group_norm(x)) + b`` over the positions of ``x`` (N, C, *spatial), with ``act`` a leaky
+    ReLU of ``slope`` and ``weight`` (R, C): a GroupNorm (an InstanceNorm: ``groups = C``), its
+    activation and a 1x1 conv, the normalised map never written. The statistics come from one
+    pass over ``x`` (shifted sums, added in double). Float32 CPU tensors, contiguous ``x``.
+
+    Example:
+        >>> import torch.nn.functional as F
+        >>> x, w = torch.randn(1, 16, 3, 5, 7), torch.randn(4, 16)
+        >>> ref = torch.einsum("oc,ncdhw->nodhw", w, F.relu(F.group_norm(x, 4, eps=1e-5)))
+        >>> y = norm_act_pointwise(x, 4, None, None, 1e-5, 0.0, w, None) if available() else ref
+        >>> bool(torch.allclose(y, ref, atol=1e-4))
+        True
+    """
+    lib = _library()
+    if lib is None:
+        raise RuntimeError(f"tucker_fx native kernel: not available ({status()})")
+    n, c = x.shape[:2]
+    r = weight.shape[0]
+    if (x.dim() < 3 or c % groups or weight.shape != (r, c) or (bias is not None and bias.shape != (r,))
+            or any(t is not None and t.shape != (c,) for t in (gamma, beta))):
+        raise ValueError(f"norm_act_pointwise: expected x (N, C, ...) with C a multiple of groups, gamma and beta "
+                         f"(C,), weight (R, C), bias (R,), got {tuple(x.shape)}, groups {groups}, "
+                         f"{tuple(weight.shape)}, {None if bias is None else tuple(bias.shape)}")
+    if c > MAX_CHAIN[1] or r > MAX_CHAIN[2]:
+        raise ValueError(f"norm_act_pointwise: at most {MAX_CHAIN[1]} channels in and {MAX_CHAIN[2]} out, got {(c, r)}")
+    for name, t in (("x", x), ("weight", weight), ("bias", bias), ("gamma", gamma), ("beta", beta)):
+        if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu"):
+            raise ValueError(f"norm_act_pointwise: expected float32 CPU tensors, got {name} {t.dtype} on {t.device}")
+    x, weight = x.contiguous(), weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    positions = x[0, 0].numel() if n else 0
+    rows = x.reshape(n * c, positions)
+    moments = torch.empty(n * c, 2, dtype=torch.float64)
+    threads = max(1, min(torch.get_num_threads(), n * c * positions // 65536))
+    rb = [n * c * i // threads for i in range(threads + 1)]
+    _run(lambda j: lib.tfx_row_moments(rows.data_ptr(), moments.data_ptr(), n * c, positions, j[0], j[1]),
+         [(lo, hi) for lo, hi in zip(rb, rb[1:]) if hi > lo], threads)
+    # group statistics from the channels' shifted sums: sum(x) = s + P k, sum(x^2) = q + 2 k s + P k^2
+    k = rows[:, 0].double()
+    s, q = moments[:, 0], moments[:, 1]
+    count = positions * (c // groups)
+    shift_g = k.reshape(n, groups, -1)[:, :, :1]  # one shift per group: the first channel's
+    d = (k.reshape(n, groups, -1) - shift_g)      # each channel's shift against the group's
+    sg = (s.reshape(n, groups, -1) + positions * d).sum(2)
+    qg = (q.reshape(n, groups, -1) + 2 * d * s.reshape(n, groups, -1) + positions * d * d).sum(2)
+    mean_g = sg / count
+    var_g = (qg / count - mean_g * mean_g).clamp_min(0.0)
+    rstd = torch.rsqrt(var_g + eps)
+    mean = (shift_g.squeeze(2) + mean_g)  # (n, groups)
+    a = rstd.repeat_interleave(c // groups, dim=1)
+    b = -(mean * rstd).repeat_interleave(c // groups, dim=1)
+    if gamma is not None:
+        a, b = a * gamma.double(), b * gamma.double()
+    if beta is not None:
+        b = b + beta.double()
+    a, b = a.float().contiguous(), b.float().contiguous()
+    y = torch.empty((n, r) + tuple(x.shape[2:]), dtype=x.dtype)
+    threads = max(1, min(torch.get_num_threads(), positions // 4096))
+    bounds = [positions * i // threads // 16 * 16 for i in range(threads)] + [positions]
+    jobs = [(i, lo, hi) for i in range(n) for lo, hi in zip(bounds, bounds[1:]) if hi > lo]
+    fn, bp = lib.tfx_affine_act_pointwise, None if bias is None else bias.data_ptr()
+
+    def one(job: tuple[int, int, int]) -> int:
+        i, lo, hi = job
+        return fn(x[i].data_ptr(), a[i].data_ptr(), b[i].data_ptr(), weight.data_ptr(), bp, y[i].data_ptr(), c, r,
+                  positions, float(slope), lo, hi)
+
+    if any(_run(one, jobs, threads)):
+        raise MemoryError("norm_act_pointwise: the native kernel could not allocate its buffer")
     return y
 
 
