@@ -8,8 +8,9 @@ lowering passes, no decomposition), and ``tucker_fx.compress`` at ``--rank`` wit
 config otherwise, timed interleaved in one process (medians and min-max of ``--repeats`` runs).
 Realisation = (original time / compressed time) / (FLOPs ratio). ``--ablate STAGES`` also times the
 compressed model built without those pipeline stages (comma-separated; bare ``--ablate`` means
-``fast_kernels``; ``--ablate cat_into_pointwise,write_in_place`` is the release before those two),
-in the same interleaved run.
+``fast_kernels``; ``--ablate cat_into_pointwise,write_in_place`` is the release before those two;
+``--ablate native``: without the native kernels of ``tucker_fx.kernels.native``, as on a machine
+where they do not build), in the same interleaved run.
 With ``--inductor``, the original and the compressed model are also compiled with inductor.
 Random weights: right for speed, meaningless for accuracy.
 """
@@ -81,9 +82,16 @@ def _without_stages(names: list[str]) -> Callable[[], None]:
     from tucker_fx.passes.workspace import PlanWorkspace
     from tucker_fx.passes.channels_last_cores import ChannelsLastCores
     from tucker_fx.passes.runner import PassResult
+    from tucker_fx.passes.pointwise_chain import FusePointwiseChains
     classes = {"fast_kernels": UseFastKernels, "cat_into_pointwise": CatIntoPointwise, "write_in_place": WriteInPlace,
                "fold_norm_into_pointwise": FoldNormIntoPointwise, "plan_workspace": PlanWorkspace,
-               "channels_last_cores": ChannelsLastCores}
+               "channels_last_cores": ChannelsLastCores, "fuse_pointwise_chains": FusePointwiseChains}
+    if "native" in names:  # not a stage: the library, off while the model is built (and while it runs: _native_off)
+        names = [n for n in names if n != "native"]
+        off = _native_off()
+        off.__enter__()
+    else:
+        off = None
     unknown = [n for n in names if n not in classes]
     if unknown:
         raise SystemExit(f"--ablate: unknown stage(s) {unknown}; expected some of {sorted(classes)}")
@@ -94,7 +102,24 @@ def _without_stages(names: list[str]) -> Callable[[], None]:
     def restore() -> None:
         for n, call in kept.items():
             classes[n].__call__ = call  # type: ignore[method-assign]
+        if off is not None:
+            off.__exit__(None, None, None)
     return restore
+
+
+class _native_off:
+    """Within: ``tucker_fx.kernels.native`` reports itself unavailable (the kernels' fallbacks run)."""
+
+    def __enter__(self) -> "_native_off":
+        from tucker_fx.kernels import native
+        native.available()  # resolve the library first, so that the state can be restored
+        self.saved = dict(native._state)
+        native._state.update(lib=None, why="off (benchmarks/zoo_speed.py --ablate native)")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        from tucker_fx.kernels import native
+        native._state.update(self.saved)
 
 
 def measure(name: str, rank: float, repeats: int, inductor: bool, ablate: str) -> dict[str, Any]:
@@ -118,7 +143,13 @@ def measure(name: str, rank: float, repeats: int, inductor: bool, ablate: str) -
             before = tucker_fx.compress(model, x, config=config.replace(validate=False)).module
         finally:
             without()
-        fns[f"compressed without {ablate}"] = lambda: before(x)
+        if "native" in ablate.split(","):
+            def run_without() -> Any:
+                with _native_off():
+                    return before(x)
+            fns[f"compressed without {ablate}"] = run_without
+        else:
+            fns[f"compressed without {ablate}"] = lambda: before(x)
     if inductor:
         torch._dynamo.reset()
         orig_c, comp_c = torch.compile(model), torch.compile(result.module)
