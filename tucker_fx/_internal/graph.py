@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from tucker_fx.planning.plan import LayerPlan
 
-__all__ = ["block_name"]
+__all__ = ["block_name", "free_attr_name"]
 
 
 def block_name(entry: LayerPlan) -> str:
@@ -26,3 +26,13 @@ def block_name(entry: LayerPlan) -> str:
     if not entry.functional:
         return entry.name
     return re.sub(r"\W", "_", entry.node) + "_tucker"
+
+
+def free_attr_name(gm: object, base: str) -> str:
+    """``base``, or ``base_1``, ``base_2``, ...: the first name that ``gm`` has no attribute of (for a
+    submodule a pass adds)."""
+    name, i = base, 0
+    while hasattr(gm, name):
+        i += 1
+        name = f"{base}_{i}"
+    return name

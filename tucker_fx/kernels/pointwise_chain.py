@@ -17,7 +17,6 @@ function, the same parameters.
 Example:
     >>> import torch, torch.nn as nn
     >>> from tucker_fx.kernels.pointwise import PointwiseConv
-from tucker_fx.kernels.resample import SeparableInterpolate, upsample2x_native
     >>> from tucker_fx.kernels.pointwise_chain import PointwiseChain
     >>> up, act, down = PointwiseConv.from_conv(nn.Conv3d(4, 16, 1)), nn.ReLU(), PointwiseConv.from_conv(nn.Conv3d(16, 4, 1))
     >>> z = torch.randn(1, 4, 6, 7, 9)
@@ -118,7 +117,6 @@ class PointwiseAdd(nn.Module):
 
     Example:
         >>> from tucker_fx.kernels.pointwise import PointwiseConv
-from tucker_fx.kernels.resample import SeparableInterpolate, upsample2x_native
         >>> last = PointwiseConv.from_conv(nn.Conv3d(4, 16, 1))
         >>> z, skip = torch.randn(1, 4, 5, 6, 7), torch.randn(1, 16, 5, 6, 7)
         >>> bool(torch.allclose(PointwiseAdd(last)(z, skip), last(z) + skip, atol=1e-5))
@@ -160,7 +158,6 @@ class NormActPointwise(nn.Module):
 
     Example:
         >>> from tucker_fx.kernels.pointwise import PointwiseConv
-from tucker_fx.kernels.resample import SeparableInterpolate, upsample2x_native
         >>> norm, act, conv = nn.GroupNorm(4, 16), nn.ReLU(), PointwiseConv.from_conv(nn.Conv3d(16, 4, 1))
         >>> x = torch.randn(1, 16, 5, 6, 7)
         >>> bool(torch.allclose(NormActPointwise(norm, act, conv)(x), conv(act(norm(x))), atol=1e-5))

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import torch.fx as fx
 
+from tucker_fx._internal.graph import free_attr_name
 from tucker_fx._internal.meta import NOTES_KEY
 from tucker_fx.analysis.cost_registry import REGISTRY, CostContext, OpCost, conv_macs
 from tucker_fx.kernels.norm_fold import NormedPointwise, foldable_norm
@@ -41,13 +42,6 @@ from tucker_fx.kernels.pointwise import PointwiseConv
 from tucker_fx.passes.runner import PassResult
 
 __all__ = ["FoldNormIntoPointwise"]
-
-
-def _free_name(gm: fx.GraphModule, base: str) -> str:
-    name, i = base, 1
-    while hasattr(gm, name):
-        name, i = f"{base}_{i}", i + 1
-    return name
 
 
 @dataclass
@@ -78,7 +72,7 @@ class FoldNormIntoPointwise:
                 continue  # channel counts that do not match: the graph would fail as it is; leave it be
             key = (str(conv_node.target), str(node.target))
             if key not in fused:
-                fused[key] = _free_name(gm, str(conv_node.target).replace(".", "_") + "_normed")
+                fused[key] = free_attr_name(gm, str(conv_node.target).replace(".", "_") + "_normed")
                 gm.add_submodule(fused[key], module)
             with gm.graph.inserting_before(node):
                 new = gm.graph.call_module(fused[key], (conv_node.args[0],))

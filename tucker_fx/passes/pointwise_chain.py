@@ -53,6 +53,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from tucker_fx._internal.graph import free_attr_name
 from tucker_fx._internal.meta import NOTES_KEY
 from tucker_fx.analysis.cost_registry import REGISTRY, CostContext, OpCost
 from tucker_fx.kernels import native
@@ -72,13 +73,6 @@ _ADDS = {operator.add, torch.add, torch.ops.aten.add.Tensor}
 def _single_module_call(node: object) -> bool:
     return (isinstance(node, fx.Node) and node.op == "call_module" and len(node.args) == 1 and not node.kwargs
             and isinstance(node.args[0], fx.Node))
-
-
-def _free_name(gm: fx.GraphModule, base: str) -> str:
-    name, i = base, 1
-    while hasattr(gm, name):
-        name, i = f"{base}_{i}", i + 1
-    return name
 
 
 @dataclass
@@ -144,7 +138,7 @@ class FusePointwiseChains:
     def _replace(gm: fx.GraphModule, nodes: tuple[fx.Node, fx.Node, fx.Node], module: nn.Module, suffix: str) -> None:
         """``nodes`` (a chain, each read only by the next) as one call of ``module``."""
         first_node, act_node, second_node = nodes
-        name = _free_name(gm, str(second_node.target).replace(".", "_") + suffix)
+        name = free_attr_name(gm, str(second_node.target).replace(".", "_") + suffix)
         gm.add_submodule(name, module)
         with gm.graph.inserting_before(second_node):
             new = gm.graph.call_module(name, (first_node.args[0],))
@@ -180,7 +174,7 @@ class FusePointwiseChains:
                     module = UpsampleAdd(conv, inplace=inplace)
                 else:
                     continue
-                name = _free_name(gm, str(conv_node.target).replace(".", "_") + "_add")
+                name = free_attr_name(gm, str(conv_node.target).replace(".", "_") + "_add")
                 gm.add_submodule(name, module)
                 with gm.graph.inserting_before(add):
                     new = gm.graph.call_module(name, (conv_node.args[0], skip))

@@ -41,6 +41,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tucker_fx._internal.graph import free_attr_name
 from tucker_fx._internal.meta import NOTES_KEY
 from tucker_fx.analysis.cost_registry import REGISTRY, CostContext, OpCost
 from tucker_fx.kernels.resample import (
@@ -239,14 +240,6 @@ def _module_call(gm: fx.GraphModule, node: fx.Node) -> Optional[_Call]:
     return _from_args(up.mode, up.size, up.scale_factor, up.align_corners, up.recompute_scale_factor)
 
 
-def _free_name(gm: fx.GraphModule, base: str) -> str:
-    name, i = base, 0
-    while hasattr(gm, name):
-        i += 1
-        name = f"{base}_{i}"
-    return name
-
-
 @dataclass
 class UseSeparableInterpolate:
     """Graph pass over a graph with ``tensor_meta``: linear-mode upsamples as products per axis
@@ -291,7 +284,7 @@ class UseSeparableInterpolate:
                 continue
             if is_module:
                 retargeted.add(str(node.target))
-            target = _free_name(gm, f"{node.name}_separable")
+            target = free_attr_name(gm, f"{node.name}_separable")
             gm.add_submodule(target, call.kernel)
             kwargs = {} if call.size_at_call is None else {"size": call.size_at_call}
             with gm.graph.inserting_after(node):
