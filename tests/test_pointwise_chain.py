@@ -339,3 +339,17 @@ def test_native_upsampling_is_aten_s_and_upsample_add_on_every_path(monkeypatch:
     torch.testing.assert_close(UpsampleAdd(up)(x, skip), want, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="UpsampleAdd: expected a SeparableInterpolate"):
         UpsampleAdd(nn.Upsample(scale_factor=2))
+
+
+def test_jit_trace_records_the_plain_ops_not_the_native_calls() -> None:
+    # a ctypes call is invisible to torch.jit.trace: traced, the native path would bake its output in
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv3d(16, 16, 3, padding=1), nn.ReLU(), nn.Conv3d(16, 16, 3, padding=1),
+                        nn.Upsample(scale_factor=2, mode="trilinear")).eval()
+    x = torch.randn(1, 16, 4, 6, 8)
+    r = tucker_fx.compress(net, x, config=tucker_fx.TuckerConfig(rank=0.25, only_if_cheaper=False,
+                                                                 keep_original_if_faster=False, progress=False))
+    with torch.no_grad():
+        traced = torch.jit.trace(r.module, (x,), check_trace=False)
+        other = torch.randn(1, 16, 4, 6, 8)
+        torch.testing.assert_close(traced(other), r.module(other), rtol=1e-5, atol=1e-5)

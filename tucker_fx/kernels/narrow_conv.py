@@ -58,7 +58,7 @@ def _narrow_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         if not torch.compiler.is_exporting() and x.device.type == "cpu" and x.dtype == torch.float32:
             return torch.ops.tucker_fx.narrow_conv3d(x, weight, bias)
     elif (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 5 and x.is_contiguous()
-          and not is_fake(x) and native.available()):
+          and not is_fake(x) and not torch.jit.is_tracing() and native.available()):
         if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                         or (bias is not None and bias.requires_grad)):
             return torch.ops.tucker_fx.narrow_conv3d(x, weight, bias)  # the op has a backward

@@ -75,7 +75,7 @@ class PointwiseChain(nn.Module):
         self.slope = slope
 
     def _native(self, z: Tensor) -> bool:
-        if torch.compiler.is_compiling() or is_fake(z) or not native.available():
+        if torch.compiler.is_compiling() or torch.jit.is_tracing() or is_fake(z) or not native.available():
             return False
         if z.device.type != "cpu" or z.dtype != torch.float32 or z.dim() < 3:
             return False
@@ -133,7 +133,7 @@ class PointwiseAdd(nn.Module):
     def forward(self, z: Tensor, skip: Tensor) -> Tensor:
         w = self.pointwise.weight
         c = w.shape[0]
-        if (torch.compiler.is_compiling() or is_fake(z) or is_fake(skip) or not native.available()
+        if (torch.compiler.is_compiling() or torch.jit.is_tracing() or is_fake(z) or is_fake(skip) or not native.available()
                 or z.device.type != "cpu" or z.dtype != torch.float32 or skip.dtype != torch.float32
                 or z.dim() < 3 or tuple(skip.shape) != (z.shape[0], c) + tuple(z.shape[2:])
                 or w.shape[1] > native.MAX_CHAIN[1] or not skip.is_contiguous()
@@ -179,7 +179,7 @@ class NormActPointwise(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.pointwise.weight
-        if (torch.compiler.is_compiling() or is_fake(x) or not native.available() or x.device.type != "cpu"
+        if (torch.compiler.is_compiling() or torch.jit.is_tracing() or is_fake(x) or not native.available() or x.device.type != "cpu"
                 or x.dtype != torch.float32 or x.dim() < 3 or w.shape[0] > native.MAX_CHAIN[2]
                 or w.shape[1] > native.MAX_CHAIN[1] or x[0, 0].numel() < 2
                 or (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())))):
@@ -215,7 +215,7 @@ class UpsampleAdd(nn.Module):
 
     def forward(self, x: Tensor, skip: Tensor) -> Tensor:
         i = self.interpolate
-        if (torch.compiler.is_compiling() or is_fake(x) or is_fake(skip) or x.device.type != "cpu"
+        if (torch.compiler.is_compiling() or torch.jit.is_tracing() or is_fake(x) or is_fake(skip) or x.device.type != "cpu"
                 or not x.is_contiguous() or not skip.is_contiguous() or skip.dtype != x.dtype
                 or tuple(skip.shape) != (x.shape[0], x.shape[1]) + tuple(2 * int(s) for s in x.shape[2:])
                 or (torch.is_grad_enabled() and skip.requires_grad)

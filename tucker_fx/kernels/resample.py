@@ -203,7 +203,7 @@ def separable_interpolate(x: Tensor, size: Size = None, scale_factor: Scale = No
         True
     """
     dims = LINEAR_MODES.get(mode, 0)
-    if _fast_path(x, dims) and upsample2x_native(x, size, scale_factor, mode, align_corners, recompute_scale_factor,
+    if _fast_path(x, dims) and not torch.jit.is_tracing() and upsample2x_native(x, size, scale_factor, mode, align_corners, recompute_scale_factor,
                                                  antialias):
         return native.upsample2x_trilinear(x)
     if not (_fast_path(x, dims) and is_separable_interpolate(
