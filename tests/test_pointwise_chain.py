@@ -47,7 +47,8 @@ def test_kernel_is_the_chain(r1: int, c: int, r2: int, spatial: tuple[int, ...],
 
 
 @needs_native
-def test_kernel_takes_per_sample_weights_no_bias_and_threads() -> None:
+def test_kernel_takes_per_sample_weights_no_bias_and_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(native, "MAX_THREADS", 2)  # the splitting, off by default
     torch.manual_seed(0)
     z, w1, b1, w2 = torch.randn(3, 4, 5, 6, 70), torch.randn(3, 16, 4), torch.randn(3, 16), torch.randn(4, 16)
     ref = _reference(z, w1, b1, w2, None, 0.1)

@@ -12,10 +12,10 @@
   its activation and the next 1x1 product without the normalised map.
 - ``upsample.c``: trilinear up-sampling by 2 (``align_corners=False``), optionally plus a skip map.
 
-Both are AVX2 + FMA, float32. The library is compiled once per source and flags with ``cc`` (or ``$CC``) into
-``$TUCKER_FX_CACHE_DIR/native`` (default ``~/.cache/tucker_fx/native``) and loaded with
-``ctypes``; ``ctypes`` releases the GIL, so threads split the output planes. Where there is no
-compiler, no AVX2, or ``TUCKER_FX_NATIVE=0``, :func:`available` is False with the reason in
+All are AVX2 + FMA, float32. The library is compiled once per source and flags with ``cc`` (or
+``$CC``) into ``$TUCKER_FX_CACHE_DIR/native`` (default ``~/.cache/tucker_fx/native``) and loaded
+with ``ctypes``, which releases the GIL, so threads can split the work (:data:`MAX_THREADS`, 1 by
+default). Where there is no compiler, no AVX2, or ``TUCKER_FX_NATIVE=0``, :func:`available` is False with the reason in
 :func:`status`, and :class:`~tucker_fx.kernels.narrow_conv.NarrowConv3d` runs on oneDNN instead.
 
 Example:
@@ -44,12 +44,19 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["available", "status", "narrow_conv3d", "pointwise_chain", "pointwise_add", "norm_act_pointwise",
+__all__ = ["available", "status", "MAX_THREADS", "narrow_conv3d", "pointwise_chain", "pointwise_add", "norm_act_pointwise",
            "upsample2x_trilinear", "FLAGS"]
 
 _SOURCES = tuple(Path(__file__).with_name(n) for n in ("narrow_conv3d.c", "pointwise_chain.c", "upsample.c"))
 FLAGS = ("-O3", "-mavx2", "-mfma", "-shared", "-fPIC", "-std=c11")
 """The compiler flags (AVX2 + FMA: the library only loads on CPUs that have both)."""
+
+MAX_THREADS = 1
+"""The most threads a kernel call splits its work over (at most ``torch.get_num_threads()``). 1: on the
+2-core machine, split over two Python threads the narrow conv ran no faster and often slower (4 -> 4
+at 64^3 after a 2-thread ``mm``: 3.5-5.3 ms against 3.3 on one thread), as torch's OpenMP workers
+keep spinning on the other core after each op; the compressed SegResNet's kernels all ran slower at
+two threads than at one. The splitting stays for machines where it pays."""
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -147,7 +154,7 @@ def narrow_conv3d(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """``F.conv3d(x, weight, bias, padding=1)`` for float32 CPU tensors, on the native kernel.
 
     Raises ``RuntimeError`` when :func:`available` is False; the caller checks first. The output
-    planes are split over ``torch.get_num_threads()`` threads."""
+    planes are split over up to :data:`MAX_THREADS` threads."""
     lib = _library()
     if lib is None:
         raise RuntimeError(f"tucker_fx native kernel: not available ({status()})")
@@ -164,7 +171,7 @@ def narrow_conv3d(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     y = torch.empty((n, o, d, h, w), dtype=x.dtype)
     fn = lib.tfx_narrow_conv3d
     bp = bias.data_ptr() if bias is not None else None
-    threads = max(1, min(torch.get_num_threads(), d // 4))
+    threads = max(1, min(_threads(), d // 4))
     bounds = [d * i // threads for i in range(threads + 1)]
     jobs = [(x[i].data_ptr(), y[i].data_ptr(), lo, hi) for i in range(n) for lo, hi in zip(bounds, bounds[1:])]
     if any(_run(lambda j: fn(j[0], weight.data_ptr(), bp, j[1], c, o, d, h, w, j[2], j[3]), jobs, threads)):
@@ -210,7 +217,7 @@ def pointwise_chain(z: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Optional[
     positions = z[0, 0].numel() if n else 0
     y = torch.empty((n, r2) + tuple(z.shape[2:]), dtype=z.dtype)
     per_sample = w1.dim() == 3
-    threads = max(1, min(torch.get_num_threads(), positions // 4096))
+    threads = max(1, min(_threads(), positions // 4096))
     bounds = [positions * i // threads // 16 * 16 for i in range(threads)] + [positions]
     jobs = [(i, lo, hi) for i in range(n) for lo, hi in zip(bounds, bounds[1:]) if hi > lo]
     fn, b2p = lib.tfx_pointwise_chain, None if b2 is None else b2.data_ptr()
@@ -260,7 +267,7 @@ def pointwise_add(z: Tensor, weight: Tensor, bias: Optional[Tensor], skip: Tenso
     skip = skip.contiguous()
     y = skip if inplace else torch.empty_like(skip)
     positions = z[0, 0].numel() if n else 0
-    threads = max(1, min(torch.get_num_threads(), positions // 4096))
+    threads = max(1, min(_threads(), positions // 4096))
     bounds = [positions * i // threads // 256 * 256 for i in range(threads)] + [positions]
     jobs = [(i, lo, hi) for i in range(n) for lo, hi in zip(bounds, bounds[1:]) if hi > lo]
     fn, bp = lib.tfx_pointwise_add, None if bias is None else bias.data_ptr()
@@ -309,7 +316,7 @@ def norm_act_pointwise(x: Tensor, groups: int, gamma: Optional[Tensor], beta: Op
     positions = x[0, 0].numel() if n else 0
     rows = x.reshape(n * c, positions)
     moments = torch.empty(n * c, 2, dtype=torch.float64)
-    threads = max(1, min(torch.get_num_threads(), n * c * positions // 65536))
+    threads = max(1, min(_threads(), n * c * positions // 65536))
     rb = [n * c * i // threads for i in range(threads + 1)]
     _run(lambda j: lib.tfx_row_moments(rows.data_ptr(), moments.data_ptr(), n * c, positions, j[0], j[1]),
          [(lo, hi) for lo, hi in zip(rb, rb[1:]) if hi > lo], threads)
@@ -333,7 +340,7 @@ def norm_act_pointwise(x: Tensor, groups: int, gamma: Optional[Tensor], beta: Op
         b = b + beta.double()
     a, b = a.float().contiguous(), b.float().contiguous()
     y = torch.empty((n, r) + tuple(x.shape[2:]), dtype=x.dtype)
-    threads = max(1, min(torch.get_num_threads(), positions // 4096))
+    threads = max(1, min(_threads(), positions // 4096))
     bounds = [positions * i // threads // 16 * 16 for i in range(threads)] + [positions]
     jobs = [(i, lo, hi) for i in range(n) for lo, hi in zip(bounds, bounds[1:]) if hi > lo]
     fn, bp = lib.tfx_affine_act_pointwise, None if bias is None else bias.data_ptr()
@@ -376,7 +383,7 @@ def upsample2x_trilinear(x: Tensor, skip: Optional[Tensor] = None, inplace: bool
     skip = None if skip is None else skip.contiguous()
     y = skip if inplace else torch.empty(shape, dtype=x.dtype)
     rows = n * c
-    threads = max(1, min(torch.get_num_threads(), rows))
+    threads = max(1, min(_threads(), rows))
     bounds = [rows * i // threads for i in range(threads + 1)]
     sp = None if skip is None else skip.data_ptr()
     jobs = [(lo, hi) for lo, hi in zip(bounds, bounds[1:]) if hi > lo]
@@ -384,6 +391,10 @@ def upsample2x_trilinear(x: Tensor, skip: Optional[Tensor] = None, inplace: bool
                 threads)):
         raise MemoryError("upsample2x_trilinear: the native kernel could not allocate its buffer")
     return y
+
+
+def _threads() -> int:
+    return max(1, min(MAX_THREADS, torch.get_num_threads()))
 
 
 def _run(fn: Callable[[Any], int], jobs: list, threads: int) -> list[int]:
