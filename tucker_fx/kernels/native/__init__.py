@@ -4,7 +4,7 @@
   ATen's and inductor's CPU convs, computes a 3x3x3 conv with 4 channels or fewer at 9-14 GMAC/s
   on the project's CPUs; the cores of Tucker blocks at rank 0.25 of a 16-channel layer are exactly
   that, and they were the largest item of the compressed MONAI SegResNet's profile
-  (``docs/benchmarks.md``). This kernel runs them at 25-31 GMAC/s on one thread.
+  (``docs/benchmarks.md``). This kernel runs them at 24-31 GMAC/s on one thread.
 - ``pointwise_chain.c``: ``W2 act(W1 z + b1) + b2`` per position, a block's last factor, its
   norm and activation and the next block's first factor without the full-width map between them;
   ``W z + b + skip``, a last factor and the residual sum after it in one pass; and
