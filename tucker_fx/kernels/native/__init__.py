@@ -155,15 +155,11 @@ def narrow_conv3d(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
 
     Raises ``RuntimeError`` when :func:`available` is False; the caller checks first. The output
     planes are split over up to :data:`MAX_THREADS` threads."""
-    lib = _library()
-    if lib is None:
-        raise RuntimeError(f"tucker_fx native kernel: not available ({status()})")
+    lib = _loaded()
     if x.dim() != 5 or weight.dim() != 5 or tuple(weight.shape[2:]) != (3, 3, 3) or x.shape[1] != weight.shape[1]:
         raise ValueError(f"narrow_conv3d: expected x (N, C, D, H, W) and weight (O, C, 3, 3, 3), "
                          f"got {tuple(x.shape)} and {tuple(weight.shape)}")
-    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
-        if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu"):
-            raise ValueError(f"narrow_conv3d: expected float32 CPU tensors, got {name} {t.dtype} on {t.device}")
+    _check_float32_cpu("narrow_conv3d", x=x, weight=weight, bias=bias)
     x, weight = x.contiguous(), weight.contiguous()
     bias = None if bias is None else bias.contiguous()
     n, c, d, h, w = x.shape
@@ -197,9 +193,7 @@ def pointwise_chain(z: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Optional[
         >>> bool(torch.allclose(y, ref, atol=1e-4))
         True
     """
-    lib = _library()
-    if lib is None:
-        raise RuntimeError(f"tucker_fx native kernel: not available ({status()})")
+    lib = _loaded()
     n, r1 = z.shape[:2]
     c, r2 = w1.shape[-2], w2.shape[0]
     if (w1.shape[-1] != r1 or w2.shape != (r2, c) or b1.shape[-1] != c or (b2 is not None and b2.shape != (r2,))
@@ -209,9 +203,7 @@ def pointwise_chain(z: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Optional[
                          f"{None if b2 is None else tuple(b2.shape)}")
     if r1 > MAX_CHAIN[0] or c > MAX_CHAIN[1] or r2 > MAX_CHAIN[2]:
         raise ValueError(f"pointwise_chain: at most (R1, C, R2) = {MAX_CHAIN}, got {(r1, c, r2)}")
-    for name, t in (("z", z), ("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
-        if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu"):
-            raise ValueError(f"pointwise_chain: expected float32 CPU tensors, got {name} {t.dtype} on {t.device}")
+    _check_float32_cpu("pointwise_chain", z=z, w1=w1, b1=b1, w2=w2, b2=b2)
     z, w1, b1, w2 = z.contiguous(), w1.contiguous(), b1.contiguous(), w2.contiguous()
     b2 = None if b2 is None else b2.contiguous()
     positions = z[0, 0].numel() if n else 0
@@ -245,9 +237,7 @@ def pointwise_add(z: Tensor, weight: Tensor, bias: Optional[Tensor], skip: Tenso
         >>> bool(torch.allclose(y, ref, atol=1e-5))
         True
     """
-    lib = _library()
-    if lib is None:
-        raise RuntimeError(f"tucker_fx native kernel: not available ({status()})")
+    lib = _loaded()
     n, r = z.shape[:2]
     c = weight.shape[0]
     if (weight.shape != (c, r) or tuple(skip.shape) != (n, c) + tuple(z.shape[2:])
@@ -257,9 +247,7 @@ def pointwise_add(z: Tensor, weight: Tensor, bias: Optional[Tensor], skip: Tenso
                          f"{tuple(skip.shape)}")
     if r > MAX_CHAIN[1]:
         raise ValueError(f"pointwise_add: at most {MAX_CHAIN[1]} input channels, got {r}")
-    for name, t in (("z", z), ("weight", weight), ("bias", bias), ("skip", skip)):
-        if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu"):
-            raise ValueError(f"pointwise_add: expected float32 CPU tensors, got {name} {t.dtype} on {t.device}")
+    _check_float32_cpu("pointwise_add", z=z, weight=weight, bias=bias, skip=skip)
     if inplace and not skip.is_contiguous():
         raise ValueError("pointwise_add: inplace needs a contiguous skip")
     z, weight = z.contiguous(), weight.contiguous()
@@ -296,9 +284,7 @@ def norm_act_pointwise(x: Tensor, groups: int, gamma: Optional[Tensor], beta: Op
         >>> bool(torch.allclose(y, ref, atol=1e-4))
         True
     """
-    lib = _library()
-    if lib is None:
-        raise RuntimeError(f"tucker_fx native kernel: not available ({status()})")
+    lib = _loaded()
     n, c = x.shape[:2]
     r = weight.shape[0]
     if (x.dim() < 3 or c % groups or weight.shape != (r, c) or (bias is not None and bias.shape != (r,))
@@ -308,9 +294,7 @@ def norm_act_pointwise(x: Tensor, groups: int, gamma: Optional[Tensor], beta: Op
                          f"{tuple(weight.shape)}, {None if bias is None else tuple(bias.shape)}")
     if c > MAX_CHAIN[1] or r > MAX_CHAIN[2]:
         raise ValueError(f"norm_act_pointwise: at most {MAX_CHAIN[1]} channels in and {MAX_CHAIN[2]} out, got {(c, r)}")
-    for name, t in (("x", x), ("weight", weight), ("bias", bias), ("gamma", gamma), ("beta", beta)):
-        if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu"):
-            raise ValueError(f"norm_act_pointwise: expected float32 CPU tensors, got {name} {t.dtype} on {t.device}")
+    _check_float32_cpu("norm_act_pointwise", x=x, weight=weight, bias=bias, gamma=gamma, beta=beta)
     x, weight = x.contiguous(), weight.contiguous()
     bias = None if bias is None else bias.contiguous()
     positions = x[0, 0].numel() if n else 0
@@ -367,9 +351,7 @@ def upsample2x_trilinear(x: Tensor, skip: Optional[Tensor] = None, inplace: bool
         >>> bool(torch.allclose(y, ref, atol=1e-6))
         True
     """
-    lib = _library()
-    if lib is None:
-        raise RuntimeError(f"tucker_fx native kernel: not available ({status()})")
+    lib = _loaded()
     if x.dim() != 5 or x.dtype != torch.float32 or x.device.type != "cpu":
         raise ValueError(f"upsample2x_trilinear: expected a float32 CPU (N, C, D, H, W) tensor, got {x.dtype} "
                          f"{tuple(x.shape)} on {x.device}")
@@ -391,6 +373,20 @@ def upsample2x_trilinear(x: Tensor, skip: Optional[Tensor] = None, inplace: bool
                 threads)):
         raise MemoryError("upsample2x_trilinear: the native kernel could not allocate its buffer")
     return y
+
+
+def _loaded() -> ctypes.CDLL:
+    """The library, or ``RuntimeError`` saying why it does not run here (callers check :func:`available`)."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError(f"tucker_fx native kernel: not available ({status()})")
+    return lib
+
+
+def _check_float32_cpu(where: str, **tensors: Optional[Tensor]) -> None:
+    for name, t in tensors.items():
+        if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu"):
+            raise ValueError(f"{where}: expected float32 CPU tensors, got {name} {t.dtype} on {t.device}")
 
 
 def _threads() -> int:
