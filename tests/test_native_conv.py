@@ -35,10 +35,10 @@ def test_kernel_is_the_conv(c: int, o: int, shape: tuple[int, int, int], bias: b
 
 @needs_native
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_threads_split_the_planes_and_give_the_same_result(threads: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(native, "MAX_THREADS", 3)  # the splitting, off by default
+@pytest.mark.parametrize("n", [1, 2])
+def test_threads_split_the_planes_and_give_the_same_result(threads: int, n: int) -> None:
     torch.manual_seed(0)
-    x, w, b = torch.randn(1, 4, 13, 6, 20), torch.randn(4, 4, 3, 3, 3), torch.randn(4)
+    x, w, b = torch.randn(n, 4, 13, 6, 20), torch.randn(4, 4, 3, 3, 3), torch.randn(4)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)

@@ -47,8 +47,7 @@ def test_kernel_is_the_chain(r1: int, c: int, r2: int, spatial: tuple[int, ...],
 
 
 @needs_native
-def test_kernel_takes_per_sample_weights_no_bias_and_threads(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(native, "MAX_THREADS", 2)  # the splitting, off by default
+def test_kernel_takes_per_sample_weights_no_bias_and_threads() -> None:
     torch.manual_seed(0)
     z, w1, b1, w2 = torch.randn(3, 4, 5, 6, 70), torch.randn(3, 16, 4), torch.randn(3, 16), torch.randn(4, 16)
     ref = _reference(z, w1, b1, w2, None, 0.1)
@@ -59,6 +58,51 @@ def test_kernel_takes_per_sample_weights_no_bias_and_threads(monkeypatch: pytest
             torch.testing.assert_close(native.pointwise_chain(z, w1, b1, w2, None, 0.1), ref, rtol=1e-5, atol=1e-4)
     finally:
         torch.set_num_threads(before)
+
+
+_SPLIT_CALLS = {  # every kernel, on maps large enough that three threads each get a share
+    "chain": lambda z, s: native.pointwise_chain(z, torch.randn(16, 4), torch.randn(16), torch.randn(4, 16), None, 0.0),
+    "add": lambda z, s: native.pointwise_add(z, torch.randn(16, 4), torch.randn(16), s),
+    "norm_act": lambda z, s: native.norm_act_pointwise(s, 4, None, None, 1e-5, 0.1, torch.randn(4, 16), torch.randn(4)),
+    "upsample": lambda z, s: native.upsample2x_trilinear(z, torch.randn(z.shape[:2] + tuple(2 * k for k in z.shape[2:]))),
+    "conv": lambda z, s: native.narrow_conv3d(z, torch.randn(4, 4, 3, 3, 3), torch.randn(4)),
+}
+
+
+@needs_native
+@pytest.mark.parametrize("kernel", sorted(_SPLIT_CALLS))
+@pytest.mark.parametrize("n", [1, 2])
+def test_every_kernel_gives_the_same_bits_on_one_thread_and_three(kernel: str, n: int,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each position (row, plane) is computed by the same code whichever thread runs it, so splitting
+    changes no bit; 12 x 16 x 72 positions: 3 chunks of at least 4096."""
+    z, s = torch.randn(n, 4, 12, 16, 72), torch.randn(n, 16, 12, 16, 72)
+    before = torch.get_num_threads()
+    out = {}
+    try:
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            torch.manual_seed(1)
+            out[threads] = _SPLIT_CALLS[kernel](z, s.clone())
+        monkeypatch.setattr(native, "MAX_THREADS", 1)  # the cap: three torch threads, one for the kernels
+        torch.manual_seed(1)
+        capped = _SPLIT_CALLS[kernel](z, s.clone())
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(out[1], out[3]) and torch.equal(out[1], capped)
+
+
+def test_kernels_share_torchs_openmp_runtime() -> None:
+    """Built with OpenMP only where torch runs on libgomp, and then on torch's copy: one libgomp in the
+    process, so a kernel's threads are torch's pool, not a second pool competing with it."""
+    mode = native.threading_mode()
+    if not native.available():
+        assert mode == "not loaded"
+        return
+    with open("/proc/self/maps") as maps:
+        gomps = {line.split()[-1] for line in maps if "libgomp" in line}
+    assert len(gomps) <= 1, gomps
+    assert (mode == "OpenMP, torch's thread pool") == bool(gomps) or mode.startswith("the calling thread (an OpenMP")
 
 
 @needs_native

@@ -14,9 +14,12 @@
 
 All are AVX2 + FMA, float32. The library is compiled once per source and flags with ``cc`` (or
 ``$CC``) into ``$TUCKER_FX_CACHE_DIR/native`` (default ``~/.cache/tucker_fx/native``) and loaded
-with ``ctypes``, which releases the GIL, so threads can split the work (:data:`MAX_THREADS`, 1 by
-default). Where there is no compiler, no AVX2, or ``TUCKER_FX_NATIVE=0``, :func:`available` is False with the reason in
-:func:`status`, and :class:`~tucker_fx.kernels.narrow_conv.NarrowConv3d` runs on oneDNN instead.
+with ``ctypes``. Where torch runs on GNU OpenMP (its Linux wheels), the library is built with
+``-fopenmp`` and its kernels split their work over torch's own OpenMP thread pool
+(``torch.get_num_threads()`` threads, at most :data:`MAX_THREADS`; ``parallel.h`` says why);
+elsewhere they run on the calling thread. Where there is no compiler, no AVX2, or
+``TUCKER_FX_NATIVE=0``, :func:`available` is False with the reason in :func:`status`, and
+:class:`~tucker_fx.kernels.narrow_conv.NarrowConv3d` runs on oneDNN instead.
 
 Example:
     >>> import torch, torch.nn.functional as F
@@ -37,30 +40,27 @@ import subprocess
 import sys
 import tempfile
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-__all__ = ["available", "status", "MAX_THREADS", "narrow_conv3d", "pointwise_chain", "pointwise_add", "norm_act_pointwise",
+__all__ = ["available", "status", "threading_mode", "MAX_THREADS", "narrow_conv3d", "pointwise_chain", "pointwise_add", "norm_act_pointwise",
            "upsample2x_trilinear", "FLAGS"]
 
 _SOURCES = tuple(Path(__file__).with_name(n) for n in ("narrow_conv3d.c", "pointwise_chain.c", "upsample.c"))
+_HEADERS = (Path(__file__).with_name("parallel.h"),)
 FLAGS = ("-O3", "-mavx2", "-mfma", "-shared", "-fPIC", "-std=c11")
-"""The compiler flags (AVX2 + FMA: the library only loads on CPUs that have both)."""
+"""The compiler flags (AVX2 + FMA: the library only loads on CPUs that have both); ``-fopenmp`` is
+added where torch runs on GNU OpenMP."""
 
-MAX_THREADS = 1
-"""The most threads a kernel call splits its work over (at most ``torch.get_num_threads()``). 1: on the
-2-core machine, split over two Python threads the narrow conv ran no faster and often slower (4 -> 4
-at 64^3 after a 2-thread ``mm``: 3.5-5.3 ms against 3.3 on one thread), as torch's OpenMP workers
-keep spinning on the other core after each op; the compressed SegResNet's kernels all ran slower at
-two threads than at one. The splitting stays for machines where it pays."""
+MAX_THREADS: Optional[int] = None
+"""The most threads a kernel call splits its work over; None: ``torch.get_num_threads()``, as torch's
+own ops. Small calls use fewer (each thread gets at least 4096 positions or 4 planes)."""
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
-_pool: Optional[ThreadPoolExecutor] = None
 
 
 def _cache_dir() -> Path:
@@ -78,12 +78,36 @@ def _cpu_ok() -> Optional[str]:
     return None
 
 
+def _torch_on_gomp() -> bool:
+    """Whether torch's thread pool is GNU OpenMP's (libgomp loaded in this process), the runtime that
+    ``-fopenmp`` links: only then do the kernels share torch's threads rather than start a second pool."""
+    try:
+        with open("/proc/self/maps") as maps:
+            return any("libgomp" in line for line in maps)
+    except OSError:
+        return False
+
+
 def _build() -> ctypes.CDLL:
-    source = b"".join(p.read_bytes() for p in _SOURCES)
+    """The library, with OpenMP where torch runs on libgomp and the build takes it, else without."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if compiler is None:
         raise RuntimeError("no C compiler found (cc, gcc, clang or $CC)")
-    key = hashlib.sha256(source + " ".join((compiler,) + FLAGS).encode()).hexdigest()[:16]
+    if _torch_on_gomp():
+        try:
+            lib = _compile(compiler, FLAGS + ("-fopenmp",))
+            _state["threads"] = "OpenMP, torch's thread pool"
+            return lib
+        except (RuntimeError, OSError) as e:
+            _state["threads"] = f"the calling thread (an OpenMP build failed: {str(e)[:200]})"
+    else:
+        _state["threads"] = "the calling thread (torch does not run on GNU OpenMP here)"
+    return _compile(compiler, FLAGS)
+
+
+def _compile(compiler: str, flags: tuple[str, ...]) -> ctypes.CDLL:
+    source = b"".join(p.read_bytes() for p in _SOURCES + _HEADERS)
+    key = hashlib.sha256(source + " ".join((compiler,) + flags).encode()).hexdigest()[:16]
     target = _cache_dir() / f"tucker_fx_native-{key}.so"
     if not target.exists():
         try:
@@ -94,30 +118,21 @@ def _build() -> ctypes.CDLL:
             target = where / target.name
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=where)
         os.close(fd)
-        done = subprocess.run([compiler, *FLAGS, *map(str, _SOURCES), "-o", tmp], capture_output=True, text=True)
+        done = subprocess.run([compiler, *flags, *map(str, _SOURCES), "-o", tmp], capture_output=True, text=True)
         if done.returncode != 0:
             os.unlink(tmp)
             raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[:500]}")
         os.replace(tmp, target)  # atomic: another process may be building the same file
     lib = ctypes.CDLL(str(target))
-    fn = lib.tfx_narrow_conv3d
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 7
-    fn = lib.tfx_pointwise_chain
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 3 + [ctypes.c_long, ctypes.c_float, ctypes.c_long, ctypes.c_long]
-    fn = lib.tfx_pointwise_add
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 2 + [ctypes.c_long] * 3
-    fn = lib.tfx_affine_act_pointwise
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 2 + [ctypes.c_long, ctypes.c_float, ctypes.c_long, ctypes.c_long]
-    fn = lib.tfx_row_moments
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_long] * 4
-    fn = lib.tfx_upsample2x_trilinear
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 3 + [ctypes.c_long] * 2
+    ptr, i32, i64, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
+    for name, args in (("tfx_narrow_conv3d", [ptr] * 4 + [i32] * 7),
+                       ("tfx_pointwise_chain", [ptr] * 6 + [i32] * 4 + [i64, f32, i64, i64, i32]),
+                       ("tfx_pointwise_add", [ptr] * 5 + [i32] * 3 + [i64, i32]),
+                       ("tfx_affine_act_pointwise", [ptr] * 6 + [i32] * 3 + [i64, f32, i32]),
+                       ("tfx_row_moments", [ptr, ptr, i64, i64, i32]),
+                       ("tfx_upsample2x_trilinear", [ptr] * 3 + [i64] + [i32] * 4)):
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = ctypes.c_int, args
     return lib
 
 
@@ -150,11 +165,17 @@ def status() -> str:
     return str(_state["why"])
 
 
+def threading_mode() -> str:
+    """Where the kernels run their work: ``"OpenMP, torch's thread pool"``, or ``"the calling thread
+    (...)"`` with the reason; ``"not loaded"`` where :func:`available` is False."""
+    return str(_state.get("threads", "not loaded")) if available() else "not loaded"
+
+
 def narrow_conv3d(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """``F.conv3d(x, weight, bias, padding=1)`` for float32 CPU tensors, on the native kernel.
 
-    Raises ``RuntimeError`` when :func:`available` is False; the caller checks first. The output
-    planes are split over up to :data:`MAX_THREADS` threads."""
+    Raises ``RuntimeError`` when :func:`available` is False; the caller checks first. The samples
+    and output planes are split over torch's threads (:data:`MAX_THREADS`)."""
     lib = _loaded()
     if x.dim() != 5 or weight.dim() != 5 or tuple(weight.shape[2:]) != (3, 3, 3) or x.shape[1] != weight.shape[1]:
         raise ValueError(f"narrow_conv3d: expected x (N, C, D, H, W) and weight (O, C, 3, 3, 3), "
@@ -165,12 +186,8 @@ def narrow_conv3d(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     n, c, d, h, w = x.shape
     o = weight.shape[0]
     y = torch.empty((n, o, d, h, w), dtype=x.dtype)
-    fn = lib.tfx_narrow_conv3d
     bp = bias.data_ptr() if bias is not None else None
-    threads = max(1, min(_threads(), d // 4))
-    bounds = [d * i // threads for i in range(threads + 1)]
-    jobs = [(x[i].data_ptr(), y[i].data_ptr(), lo, hi) for i in range(n) for lo, hi in zip(bounds, bounds[1:])]
-    if any(_run(lambda j: fn(j[0], weight.data_ptr(), bp, j[1], c, o, d, h, w, j[2], j[3]), jobs, threads)):
+    if n and lib.tfx_narrow_conv3d(x.data_ptr(), weight.data_ptr(), bp, y.data_ptr(), n, c, o, d, h, w, _threads()):
         raise MemoryError("narrow_conv3d: the native kernel could not allocate its buffers")
     return y
 
@@ -209,18 +226,10 @@ def pointwise_chain(z: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Optional[
     positions = z[0, 0].numel() if n else 0
     y = torch.empty((n, r2) + tuple(z.shape[2:]), dtype=z.dtype)
     per_sample = w1.dim() == 3
-    threads = max(1, min(_threads(), positions // 4096))
-    bounds = [positions * i // threads // 16 * 16 for i in range(threads)] + [positions]
-    jobs = [(i, lo, hi) for i in range(n) for lo, hi in zip(bounds, bounds[1:]) if hi > lo]
-    fn, b2p = lib.tfx_pointwise_chain, None if b2 is None else b2.data_ptr()
-
-    def one(job: tuple[int, int, int]) -> int:
-        i, lo, hi = job
-        w, b = (w1[i], b1[i]) if per_sample else (w1, b1)
-        return fn(z[i].data_ptr(), w.data_ptr(), b.data_ptr(), w2.data_ptr(), b2p, y[i].data_ptr(), r1, c, r2,
-                  positions, float(slope), lo, hi)
-
-    if any(_run(one, jobs, threads)):
+    b2p = None if b2 is None else b2.data_ptr()
+    if positions and lib.tfx_pointwise_chain(z.data_ptr(), w1.data_ptr(), b1.data_ptr(), w2.data_ptr(), b2p,
+                                             y.data_ptr(), n, r1, c, r2, positions, float(slope),
+                                             c * r1 if per_sample else 0, c if per_sample else 0, _threads()):
         raise ValueError("pointwise_chain: the native kernel refused its shapes")
     return y
 
@@ -255,16 +264,9 @@ def pointwise_add(z: Tensor, weight: Tensor, bias: Optional[Tensor], skip: Tenso
     skip = skip.contiguous()
     y = skip if inplace else torch.empty_like(skip)
     positions = z[0, 0].numel() if n else 0
-    threads = max(1, min(_threads(), positions // 4096))
-    bounds = [positions * i // threads // 256 * 256 for i in range(threads)] + [positions]
-    jobs = [(i, lo, hi) for i in range(n) for lo, hi in zip(bounds, bounds[1:]) if hi > lo]
-    fn, bp = lib.tfx_pointwise_add, None if bias is None else bias.data_ptr()
-
-    def one(job: tuple[int, int, int]) -> int:
-        i, lo, hi = job
-        return fn(z[i].data_ptr(), weight.data_ptr(), bp, skip[i].data_ptr(), y[i].data_ptr(), r, c, positions, lo, hi)
-
-    if any(_run(one, jobs, threads)):
+    bp = None if bias is None else bias.data_ptr()
+    if positions and lib.tfx_pointwise_add(z.data_ptr(), weight.data_ptr(), bp, skip.data_ptr(), y.data_ptr(), n, r,
+                                           c, positions, _threads()):
         raise ValueError("pointwise_add: the native kernel refused its shapes")
     return y
 
@@ -300,10 +302,7 @@ def norm_act_pointwise(x: Tensor, groups: int, gamma: Optional[Tensor], beta: Op
     positions = x[0, 0].numel() if n else 0
     rows = x.reshape(n * c, positions)
     moments = torch.empty(n * c, 2, dtype=torch.float64)
-    threads = max(1, min(_threads(), n * c * positions // 65536))
-    rb = [n * c * i // threads for i in range(threads + 1)]
-    _run(lambda j: lib.tfx_row_moments(rows.data_ptr(), moments.data_ptr(), n * c, positions, j[0], j[1]),
-         [(lo, hi) for lo, hi in zip(rb, rb[1:]) if hi > lo], threads)
+    lib.tfx_row_moments(rows.data_ptr(), moments.data_ptr(), n * c, positions, _threads())
     # group statistics from the channels' shifted sums: sum(x) = s + P k, sum(x^2) = q + 2 k s + P k^2
     k = rows[:, 0].double()
     s, q = moments[:, 0], moments[:, 1]
@@ -324,17 +323,9 @@ def norm_act_pointwise(x: Tensor, groups: int, gamma: Optional[Tensor], beta: Op
         b = b + beta.double()
     a, b = a.float().contiguous(), b.float().contiguous()
     y = torch.empty((n, r) + tuple(x.shape[2:]), dtype=x.dtype)
-    threads = max(1, min(_threads(), positions // 4096))
-    bounds = [positions * i // threads // 16 * 16 for i in range(threads)] + [positions]
-    jobs = [(i, lo, hi) for i in range(n) for lo, hi in zip(bounds, bounds[1:]) if hi > lo]
-    fn, bp = lib.tfx_affine_act_pointwise, None if bias is None else bias.data_ptr()
-
-    def one(job: tuple[int, int, int]) -> int:
-        i, lo, hi = job
-        return fn(x[i].data_ptr(), a[i].data_ptr(), b[i].data_ptr(), weight.data_ptr(), bp, y[i].data_ptr(), c, r,
-                  positions, float(slope), lo, hi)
-
-    if any(_run(one, jobs, threads)):
+    bp = None if bias is None else bias.data_ptr()
+    if lib.tfx_affine_act_pointwise(x.data_ptr(), a.data_ptr(), b.data_ptr(), weight.data_ptr(), bp, y.data_ptr(), n,
+                                    c, r, positions, float(slope), _threads()):
         raise MemoryError("norm_act_pointwise: the native kernel could not allocate its buffer")
     return y
 
@@ -364,13 +355,8 @@ def upsample2x_trilinear(x: Tensor, skip: Optional[Tensor] = None, inplace: bool
     x = x.contiguous()
     skip = None if skip is None else skip.contiguous()
     y = skip if inplace else torch.empty(shape, dtype=x.dtype)
-    rows = n * c
-    threads = max(1, min(_threads(), rows))
-    bounds = [rows * i // threads for i in range(threads + 1)]
     sp = None if skip is None else skip.data_ptr()
-    jobs = [(lo, hi) for lo, hi in zip(bounds, bounds[1:]) if hi > lo]
-    if any(_run(lambda j: lib.tfx_upsample2x_trilinear(x.data_ptr(), sp, y.data_ptr(), d, h, w, j[0], j[1]), jobs,
-                threads)):
+    if lib.tfx_upsample2x_trilinear(x.data_ptr(), sp, y.data_ptr(), n * c, d, h, w, _threads()):
         raise MemoryError("upsample2x_trilinear: the native kernel could not allocate its buffer")
     return y
 
@@ -390,15 +376,5 @@ def _check_float32_cpu(where: str, **tensors: Optional[Tensor]) -> None:
 
 
 def _threads() -> int:
-    return max(1, min(MAX_THREADS, torch.get_num_threads()))
-
-
-def _run(fn: Callable[[Any], int], jobs: list, threads: int) -> list[int]:
-    """``fn`` over ``jobs``, on ``threads`` threads (ctypes releases the GIL during each call)."""
-    if threads == 1 or len(jobs) == 1:
-        return [fn(j) for j in jobs]
-    global _pool
-    with _lock:
-        if _pool is None or _pool._max_workers < threads:  # type: ignore[attr-defined]
-            _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="tucker_fx_native")
-    return list(_pool.map(fn, jobs))
+    limit = torch.get_num_threads()
+    return max(1, limit if MAX_THREADS is None else min(MAX_THREADS, limit))

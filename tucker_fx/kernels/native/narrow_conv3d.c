@@ -1,8 +1,8 @@
 /* tucker_fx: a 3x3x3 conv, stride 1, padding 1, for narrow channel counts (AVX2 + FMA, float32).
 
-   x: (C, D, H, W) contiguous; w: (O, C, 3, 3, 3) contiguous; bias: O floats or NULL;
-   y: (O, D, H, W) contiguous. Only the output planes d0 <= d < d1 are written, so that a caller
-   can split the work over threads. Returns 0, or -1 when out of memory.
+   x: (N, C, D, H, W) contiguous; w: (O, C, 3, 3, 3) contiguous; bias: O floats or NULL;
+   y: (N, O, D, H, W) contiguous. The samples and output planes are split over nt threads
+   (parallel.h). Returns 0, or -1 when out of memory.
 
    Each step keeps 4 output channels x 16 positions of one output row in 8 AVX registers and
    adds the 27 * C taps into them. The input planes d-1, d, d+1 sit in a ring of copies padded
@@ -15,12 +15,15 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "parallel.h"
+
 #define CW 16
 
 static size_t round64(size_t n) { return (n + 63) / 64 * 64; }
 
-int tfx_narrow_conv3d(const float* x, const float* w, const float* bias, float* y,
-                      int C, int O, int D, int H, int W, int d0, int d1) {
+/* one sample's output planes d0 <= d < d1 */
+static int planes(const float* x, const float* w, const float* bias, float* y,
+                  int C, int O, int D, int H, int W, int d0, int d1) {
     const int NCH = (W + CW - 1) / CW, WP = NCH * CW + 16, HP = H + 2, OB = (O + 3) / 4;
     const size_t plane = (size_t)HP * WP, os = (size_t)D * H * W;
     float* ring = aligned_alloc(64, round64(sizeof(float) * 3 * (size_t)C * plane));
@@ -92,4 +95,21 @@ int tfx_narrow_conv3d(const float* x, const float* w, const float* bias, float* 
     free(ring);
     free(wr);
     return 0;
+}
+
+int tfx_narrow_conv3d(const float* x, const float* w, const float* bias, float* y,
+                      int N, int C, int O, int D, int H, int W, int nt) {
+    const long k = tfx_chunks(N, D, 4, nt), jobs = N * k;
+    int err = 0;
+    TFX_PARALLEL(tfx_team(jobs, nt), err)
+    {
+        long lo, hi;
+        tfx_span(jobs, &lo, &hi);
+        for (long j = lo; j < hi; j++) {
+            const long i = j / k, c = j % k;
+            err |= planes(x + (size_t)i * C * D * H * W, w, bias, y + (size_t)i * O * D * H * W, C, O, D, H, W,
+                          (int)(D * c / k), (int)(D * (c + 1) / k));
+        }
+    }
+    return err;
 }

@@ -2,7 +2,9 @@
 
    z: (R1, P) contiguous; W1: (C, R1); b1: C floats; W2: (R2, C); b2: R2 floats or NULL;
    y: (R2, P) contiguous; act(h) = h for h > 0, slope * h otherwise (slope 0: ReLU, 1: none).
-   Only the positions p0 <= p < p1 are written (threads split them). Returns 0.
+   Each exported function takes N samples (x, y, and any per-sample operand one after the other)
+   and splits samples and positions over nt threads (parallel.h); the static ones below them do
+   one sample's positions p0 <= p < p1. Returns 0, or -1 for shapes out of range or no memory.
 
    A Tucker block's last factor (R1 -> C channels), its norm and activation, and the next block's
    first factor (C -> R2) are, per position, two small matrix products around an elementwise
@@ -11,6 +13,8 @@
 #include <immintrin.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "parallel.h"
 
 #define PW 16
 #define CMAX 512  /* channels of the wide map (stack: 32 KB of h) */
@@ -60,8 +64,8 @@ static void project(const __m256* h, int C, const float* w2, const float* b2, co
     }
 }
 
-int tfx_pointwise_chain(const float* z, const float* w1, const float* b1, const float* w2, const float* b2,
-                        float* y, int R1, int C, int R2, long P, float slope_, long p0, long p1) {
+static int chain(const float* z, const float* w1, const float* b1, const float* w2, const float* b2,
+                 float* y, int R1, int C, int R2, long P, float slope_, long p0, long p1) {
     if (C > CMAX) return -1;
     __m256 h[2 * CMAX];
     const __m256 slope = _mm256_set1_ps(slope_);
@@ -120,8 +124,8 @@ int tfx_pointwise_chain(const float* z, const float* w1, const float* b1, const 
    rows stream at once: the C rows of skip and y lie P floats apart, often a multiple of 4 KB, and
    2C + R streams at once measured 4x slower (cache-set conflicts) than the same work tiled. */
 #define TILE 256
-int tfx_pointwise_add(const float* z, const float* w, const float* b, const float* skip, float* y,
-                      int R, int C, long P, long p0, long p1) {
+static int add(const float* z, const float* w, const float* b, const float* skip, float* y,
+               int R, int C, long P, long p0, long p1) {
     if (R > CMAX) return -1;
     __m256 h[2 * CMAX];
     for (long t = p0; t < p1; t += TILE) {
@@ -161,8 +165,8 @@ int tfx_pointwise_add(const float* z, const float* w, const float* b, const floa
    z: (C, P); a, b: C floats; W2: (R2, C); b2: R2 floats or NULL; y: (R2, P).
    Positions go in tiles; each tile is normalised channel by channel (one row streaming at a time)
    into a buffer on the stack, then projected 16 positions at a time. */
-int tfx_affine_act_pointwise(const float* z, const float* a, const float* b, const float* w2, const float* b2,
-                             float* y, int C, int R2, long P, float slope_, long p0, long p1) {
+static int affine(const float* z, const float* a, const float* b, const float* w2, const float* b2,
+                  float* y, int C, int R2, long P, float slope_, long p0, long p1) {
     if (C > CMAX || R2 > 64) return -1;
     /* tile: 128 KB of normalised values (L2), rows of at least 64 positions (short rows per channel
        measured slower: 16 channels at 64^3, 3.9 ms with tiles of 256 positions) */
@@ -204,7 +208,7 @@ int tfx_affine_act_pointwise(const float* z, const float* a, const float* b, con
 
 /* Per row c of x (rows, P): out[2c] = sum(x - k), out[2c + 1] = sum((x - k)^2), k = x[c, 0] (the
    shifted sums of a variance without cancellation); float partial sums over 512 values, added in double. */
-int tfx_row_moments(const float* x, double* out, long rows, long P, long r0, long r1) {
+static int moments(const float* x, double* out, long P, long r0, long r1) {
     for (long c = r0; c < r1; c++) {
         const float* xr = x + c * P;
         const float k = xr[0];
@@ -227,6 +231,76 @@ int tfx_row_moments(const float* x, double* out, long rows, long P, long r0, lon
         out[2 * c] = s;
         out[2 * c + 1] = q;
     }
-    (void)rows;
     return 0;
+}
+
+/* The samples' position ranges: sample j / k, chunk j % k of k, bounds multiples of `align`. */
+static inline void span_of(long j, long k, long P, long align, long* i, long* lo, long* hi) {
+    const long c = j % k;
+    *i = j / k;
+    *lo = P * c / k / align * align;
+    *hi = c + 1 == k ? P : P * (c + 1) / k / align * align;
+}
+
+/* w1s, b1s: the floats between samples' W1 and b1 (0: shared, C * R1 and C: per sample). */
+int tfx_pointwise_chain(const float* z, const float* w1, const float* b1, const float* w2, const float* b2, float* y,
+                        int N, int R1, int C, int R2, long P, float slope, long w1s, long b1s, int nt) {
+    const long k = tfx_chunks(N, P, 4096, nt), jobs = N * k;
+    int err = 0;
+    TFX_PARALLEL(tfx_team(jobs, nt), err)
+    {
+        long lo, hi, i, p0, p1;
+        tfx_span(jobs, &lo, &hi);
+        for (long j = lo; j < hi; j++) {
+            span_of(j, k, P, PW, &i, &p0, &p1);
+            if (p1 > p0)
+                err |= chain(z + i * R1 * P, w1 + i * w1s, b1 + i * b1s, w2, b2, y + i * R2 * P, R1, C, R2, P, slope,
+                             p0, p1);
+        }
+    }
+    return err;
+}
+
+int tfx_pointwise_add(const float* z, const float* w, const float* b, const float* skip, float* y,
+                      int N, int R, int C, long P, int nt) {
+    const long k = tfx_chunks(N, P, 4096, nt), jobs = N * k;
+    int err = 0;
+    TFX_PARALLEL(tfx_team(jobs, nt), err)
+    {
+        long lo, hi, i, p0, p1;
+        tfx_span(jobs, &lo, &hi);
+        for (long j = lo; j < hi; j++) {
+            span_of(j, k, P, TILE, &i, &p0, &p1);
+            if (p1 > p0) err |= add(z + i * R * P, w, b, skip + i * C * P, y + i * C * P, R, C, P, p0, p1);
+        }
+    }
+    return err;
+}
+
+/* a, b: (N, C), one scale and shift per sample and channel. */
+int tfx_affine_act_pointwise(const float* z, const float* a, const float* b, const float* w2, const float* b2,
+                             float* y, int N, int C, int R2, long P, float slope, int nt) {
+    const long k = tfx_chunks(N, P, 4096, nt), jobs = N * k;
+    int err = 0;
+    TFX_PARALLEL(tfx_team(jobs, nt), err)
+    {
+        long lo, hi, i, p0, p1;
+        tfx_span(jobs, &lo, &hi);
+        for (long j = lo; j < hi; j++) {
+            span_of(j, k, P, PW, &i, &p0, &p1);
+            if (p1 > p0) err |= affine(z + i * C * P, a + i * C, b + i * C, w2, b2, y + i * R2 * P, C, R2, P, slope, p0, p1);
+        }
+    }
+    return err;
+}
+
+int tfx_row_moments(const float* x, double* out, long rows, long P, int nt) {
+    int err = 0;
+    TFX_PARALLEL(tfx_team(rows * P / 65536, nt), err)
+    {
+        long lo, hi;
+        tfx_span(rows, &lo, &hi);
+        err |= moments(x, out, P, lo, hi);
+    }
+    return err;
 }

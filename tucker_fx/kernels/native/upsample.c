@@ -1,7 +1,7 @@
 /* tucker_fx: trilinear up-sampling by 2 (align_corners=False), optionally plus a skip map (AVX2, float32).
 
-   x: (C, D, H, W); y, skip: (C, 2D, 2H, 2W) (skip may be NULL; y may be skip: in place).
-   Channels c0 <= c < c1 are written. Along each axis an output at 2i takes 0.25 x[i-1] + 0.75 x[i]
+   x: (C, D, H, W); y, skip: (C, 2D, 2H, 2W) (skip may be NULL; y may be skip: in place); C counts
+   samples x channels, split over nt threads (parallel.h). Along each axis an output at 2i takes 0.25 x[i-1] + 0.75 x[i]
    and one at 2i+1 takes 0.75 x[i] + 0.25 x[i+1], indices clamped to the edges (ATen's rule for
    scale 2 without align_corners). Each output row is the weighted sum of four input rows (two
    planes, two rows), widened by 2 with the same rule. Returns 0, or -1 when out of memory. */
@@ -9,7 +9,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-int tfx_upsample2x_trilinear(const float* x, const float* skip, float* y, int D, int H, int W, long c0, long c1) {
+#include "parallel.h"
+
+static int rows(const float* x, const float* skip, float* y, int D, int H, int W, long c0, long c1) {
     const int OD = 2 * D, OH = 2 * H, OW = 2 * W;
     float* row = aligned_alloc(64, ((size_t)(W + 2 + 16) * sizeof(float) + 63) / 64 * 64);
     if (!row) return -1;
@@ -69,4 +71,15 @@ int tfx_upsample2x_trilinear(const float* x, const float* skip, float* y, int D,
     }
     free(row);
     return 0;
+}
+
+int tfx_upsample2x_trilinear(const float* x, const float* skip, float* y, long C, int D, int H, int W, int nt) {
+    int err = 0;
+    TFX_PARALLEL(tfx_team(C, nt), err)
+    {
+        long lo, hi;
+        tfx_span(C, &lo, &hi);
+        if (hi > lo) err |= rows(x, skip, y, D, H, W, lo, hi);
+    }
+    return err;
 }
