@@ -37,6 +37,11 @@ def _resnet3d18() -> nn.Module:
     return resnet3d18()
 
 
+def _video_unet() -> nn.Module:
+    from tucker_fx.testing.video import VideoUNet
+    return VideoUNet(width=32, temb=32)
+
+
 def _thetis() -> nn.Module:
     from tucker_fx.apps.paper.model import thetis_net
     return thetis_net()
@@ -70,6 +75,8 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "monai_unet": (_monai("unet"), (1, 1, 64, 64, 64)),
     "monai_basic_unet": (_monai("basic_unet"), (1, 1, 64, 64, 64)),
     "monai_dynunet": (_monai("dynunet"), (1, 1, 64, 64, 64)),
+    # a latent video diffusion UNet (ResNet blocks, spatio-temporal attention): 8 frames of 64 x 64 latents
+    "video_unet": (_video_unet, (1, 4, 8, 64, 64)),
 }
 
 

@@ -60,9 +60,44 @@ def test_kernel_takes_per_sample_weights_no_bias_and_threads() -> None:
         torch.set_num_threads(before)
 
 
+@needs_native
+@pytest.mark.parametrize("r,c", [(16, 4), (4, 16), (3, 5), (8, 32), (33, 2)])
+@pytest.mark.parametrize("n,spatial", [(1, (9, 31, 33)), (2, (4, 16, 130))])
+@pytest.mark.parametrize("bias,into", [(True, False), (False, True)])
+def test_pointwise_product_kernel_matches_a_1x1_conv(r: int, c: int, n: int, spatial: tuple, bias: bool,
+                                                     into: bool) -> None:
+    torch.manual_seed(0)
+    z, w = torch.randn(n, r, *spatial), torch.randn(c, r)
+    b = torch.randn(c) if bias else None
+    out = torch.full((n, c, *spatial), float("nan")) if into else None
+    y = native.pointwise(z, w, b, out)
+    ref = torch.nn.functional.conv3d(z.double(), w.double()[:, :, None, None, None], None if b is None else b.double())
+    assert out is None or y.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(y, ref.float(), rtol=1e-5, atol=2e-6 * r ** 0.5)  # sums of r products: rounding
+
+
+@needs_native
+@pytest.mark.parametrize("grad", [False, True])
+def test_pointwise_conv_takes_the_native_product_only_where_it_wins_and_no_gradient_is_recorded(
+        grad: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[int, int]] = []
+    real = native.pointwise
+    monkeypatch.setattr(native, "pointwise", lambda z, w, *a: calls.append(tuple(w.shape)) or real(z, w, *a))
+    torch.manual_seed(0)
+    for r, c in [(16, 4), (64, 16), (4, 16)]:
+        conv = nn.Conv3d(r, c, 1)
+        x = torch.randn(1, r, 8, 32, 32)  # 8192 positions
+        with torch.set_grad_enabled(grad):
+            y = PointwiseConv.from_conv(conv)(x)
+            torch.testing.assert_close(y, conv(x), rtol=1e-5, atol=1e-5)
+        assert y.requires_grad == grad
+    assert calls == ([] if grad else [(4, 16), (16, 4)])  # 64 -> 16: both sides wide, torch.mm
+
+
 _SPLIT_CALLS = {  # every kernel, on maps large enough that three threads each get a share
     "chain": lambda z, s: native.pointwise_chain(z, torch.randn(16, 4), torch.randn(16), torch.randn(4, 16), None, 0.0),
     "add": lambda z, s: native.pointwise_add(z, torch.randn(16, 4), torch.randn(16), s),
+    "product": lambda z, s: native.pointwise(s, torch.randn(4, 16), torch.randn(4)),
     "norm_act": lambda z, s: native.norm_act_pointwise(s, 4, None, None, 1e-5, 0.1, torch.randn(4, 16), torch.randn(4)),
     "upsample": lambda z, s: native.upsample2x_trilinear(z, torch.randn(z.shape[:2] + tuple(2 * k for k in z.shape[2:]))),
     "conv": lambda z, s: native.narrow_conv3d(z, torch.randn(4, 4, 3, 3, 3), torch.randn(4)),

@@ -5,7 +5,8 @@
   on the project's CPUs; the cores of Tucker blocks at rank 0.25 of a 16-channel layer are exactly
   that, and they were the largest item of the compressed MONAI SegResNet's profile
   (``docs/benchmarks.md``). This kernel runs them at 24-31 GMAC/s on one thread.
-- ``pointwise_chain.c``: ``W2 act(W1 z + b1) + b2`` per position, a block's last factor, its
+- ``pointwise_chain.c``: ``W z + b`` (a 1x1 product with a narrow side, which ``torch.mm`` runs
+  on one thread); ``W2 act(W1 z + b1) + b2`` per position, a block's last factor, its
   norm and activation and the next block's first factor without the full-width map between them;
   ``W z + b + skip``, a last factor and the residual sum after it in one pass; and
   ``W act(a z + b) + b2`` with per-channel ``a``, ``b``, a norm (statistics from ``row_moments``),
@@ -46,8 +47,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["available", "status", "threading_mode", "MAX_THREADS", "narrow_conv3d", "pointwise_chain", "pointwise_add", "norm_act_pointwise",
-           "upsample2x_trilinear", "FLAGS"]
+__all__ = ["available", "status", "threading_mode", "MAX_THREADS", "narrow_conv3d", "pointwise", "pointwise_chain",
+           "pointwise_add", "norm_act_pointwise", "upsample2x_trilinear", "FLAGS"]
 
 _SOURCES = tuple(Path(__file__).with_name(n) for n in ("narrow_conv3d.c", "pointwise_chain.c", "upsample.c"))
 _HEADERS = (Path(__file__).with_name("parallel.h"),)
@@ -231,6 +232,41 @@ def pointwise_chain(z: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Optional[
                                              y.data_ptr(), n, r1, c, r2, positions, float(slope),
                                              c * r1 if per_sample else 0, c if per_sample else 0, _threads()):
         raise ValueError("pointwise_chain: the native kernel refused its shapes")
+    return y
+
+
+def pointwise(z: Tensor, weight: Tensor, bias: Optional[Tensor], out: Optional[Tensor] = None) -> Tensor:
+    """``W z + b`` over the positions of ``z`` (N, R, *spatial), ``weight`` (C, R): a 1x1 conv, into
+    ``out`` (N, C, *spatial, contiguous) when given. Float32 CPU tensors. Faster than ``torch.mm``
+    where one side is narrow (a Tucker block's factors; ``kernels.pointwise.native_product_wins``).
+
+    Example:
+        >>> z, w, b = torch.randn(1, 16, 3, 5, 7), torch.randn(4, 16), torch.randn(4)
+        >>> ref = torch.einsum("cr,nrdhw->ncdhw", w, z) + b[:, None, None, None]
+        >>> y = pointwise(z, w, b) if available() else ref
+        >>> bool(torch.allclose(y, ref, atol=1e-5))
+        True
+    """
+    lib = _loaded()
+    n, r = z.shape[:2]
+    c = weight.shape[0]
+    shape = (n, c) + tuple(z.shape[2:])
+    if weight.shape != (c, r) or (bias is not None and bias.shape != (c,)) or z.dim() < 3:
+        raise ValueError(f"pointwise: expected z (N, R, ...), weight (C, R), bias (C,), got {tuple(z.shape)}, "
+                         f"{tuple(weight.shape)}, {None if bias is None else tuple(bias.shape)}")
+    if r > MAX_CHAIN[1]:
+        raise ValueError(f"pointwise: at most {MAX_CHAIN[1]} input channels, got {r}")
+    _check_float32_cpu("pointwise", z=z, weight=weight, bias=bias, out=out)
+    if out is not None and (tuple(out.shape) != shape or not out.is_contiguous()):
+        raise ValueError(f"pointwise: expected a contiguous out of {shape}, got {tuple(out.shape)}")
+    z, weight = z.contiguous(), weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    y = torch.empty(shape, dtype=z.dtype) if out is None else out
+    positions = z[0, 0].numel() if n else 0
+    bp = None if bias is None else bias.data_ptr()
+    if positions and lib.tfx_pointwise_add(z.data_ptr(), weight.data_ptr(), bp, None, y.data_ptr(), n, r, c,
+                                           positions, _threads()):
+        raise ValueError("pointwise: the native kernel refused its shapes")
     return y
 
 

@@ -119,7 +119,8 @@ static int chain(const float* z, const float* w1, const float* b1, const float* 
 }
 
 /* y = W z + b + skip over positions: a 1x1 product and the residual sum after it, in one pass.
-   z: (R, P); W: (C, R); b: C floats or NULL; skip, y: (C, P) (y may be skip: in place).
+   z: (R, P); W: (C, R); b: C floats or NULL; skip, y: (C, P) (y may be skip: in place; skip NULL:
+   the product alone).
    Positions go in tiles of 256, and each tile 4 output channels at a time, so that at most R + 8
    rows stream at once: the C rows of skip and y lie P floats apart, often a multiple of 4 KB, and
    2C + R streams at once measured 4x slower (cache-set conflicts) than the same work tiled. */
@@ -139,7 +140,8 @@ static int add(const float* z, const float* w, const float* b, const float* skip
                         h[2 * r] = _mm256_loadu_ps(z + r * P + p);
                         h[2 * r + 1] = _mm256_loadu_ps(z + r * P + p + 8);
                     }
-                    project(h, R, w + (long)o * R, b ? b + o : NULL, skip + o * P + p, P, y + o * P + p, P, on);
+                    project(h, R, w + (long)o * R, b ? b + o : NULL, skip ? skip + o * P + p : NULL, P, y + o * P + p,
+                            P, on);
                 } else {  /* the last positions: through zero-padded copies */
                     float zt[PW] __attribute__((aligned(32))), st[4 * PW] __attribute__((aligned(32)));
                     float yt[4 * PW] __attribute__((aligned(32)));
@@ -150,8 +152,8 @@ static int add(const float* z, const float* w, const float* b, const float* skip
                         h[2 * r + 1] = _mm256_loadu_ps(zt + 8);
                     }
                     memset(st, 0, sizeof st);
-                    for (int i = 0; i < on; i++) memcpy(st + i * PW, skip + (o + i) * P + p, n * sizeof(float));
-                    project(h, R, w + (long)o * R, b ? b + o : NULL, st, PW, yt, PW, on);
+                    if (skip) for (int i = 0; i < on; i++) memcpy(st + i * PW, skip + (o + i) * P + p, n * sizeof(float));
+                    project(h, R, w + (long)o * R, b ? b + o : NULL, skip ? st : NULL, PW, yt, PW, on);
                     for (int i = 0; i < on; i++) memcpy(y + (o + i) * P + p, yt + i * PW, n * sizeof(float));
                 }
             }
@@ -271,7 +273,7 @@ int tfx_pointwise_add(const float* z, const float* w, const float* b, const floa
         tfx_span(jobs, &lo, &hi);
         for (long j = lo; j < hi; j++) {
             span_of(j, k, P, TILE, &i, &p0, &p1);
-            if (p1 > p0) err |= add(z + i * R * P, w, b, skip + i * C * P, y + i * C * P, R, C, P, p0, p1);
+            if (p1 > p0) err |= add(z + i * R * P, w, b, skip ? skip + i * C * P : NULL, y + i * C * P, R, C, P, p0, p1);
         }
     }
     return err;
