@@ -94,6 +94,24 @@ def test_pointwise_conv_takes_the_native_product_only_where_it_wins_and_no_gradi
     assert calls == ([] if grad else [(4, 16), (16, 4)])  # 64 -> 16: both sides wide, torch.mm
 
 
+@needs_native
+@pytest.mark.parametrize("shape", [(1, 4, 64, 64, 64), (2, 5, 3, 7, 9), (1, 16, 33, 17, 5), (3, 1, 1, 1, 1)])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_moments_kernel_gives_mean_and_covariance_far_from_zero(shape: tuple, threads: int) -> None:
+    torch.manual_seed(0)
+    z = torch.randn(*shape) * 3 + 100  # a large mean: shifted sums, or the variance cancels away
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        m, cov = native.moments(z)
+    finally:
+        torch.set_num_threads(before)
+    cols = z.double().flatten(2)
+    centred = cols - cols.mean(2, keepdim=True)
+    torch.testing.assert_close(m, cols.mean(2), rtol=0, atol=1e-5)
+    torch.testing.assert_close(cov, centred @ centred.transpose(1, 2) / cols.shape[2], rtol=1e-5, atol=1e-5)
+
+
 _SPLIT_CALLS = {  # every kernel, on maps large enough that three threads each get a share
     "chain": lambda z, s: native.pointwise_chain(z, torch.randn(16, 4), torch.randn(16), torch.randn(4, 16), None, 0.0),
     "add": lambda z, s: native.pointwise_add(z, torch.randn(16, 4), torch.randn(16), s),

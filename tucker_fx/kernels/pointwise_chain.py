@@ -34,7 +34,7 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
 from tucker_fx.kernels import native
-from tucker_fx.kernels.norm_fold import NormedPointwise, foldable_norm, normed_affine
+from tucker_fx.kernels.norm_fold import NormedPointwise, affine_from_moments, foldable_norm
 from tucker_fx.kernels.pointwise import PointwiseConv
 from tucker_fx.kernels.resample import SeparableInterpolate, upsample2x_native
 
@@ -93,9 +93,12 @@ class PointwiseChain(nn.Module):
         f = self.first
         c = f.weight.shape[0]
         if isinstance(f, NormedPointwise):
-            w, shift, m, _ = normed_affine(z.reshape(z.shape[0], z.shape[1], -1), f.weight, f.bias, f.norm_weight,
-                                           f.norm_bias, f.groups, f.eps)
+            # the narrow input's mean and covariance in one native pass (float64), without the centred
+            # copy normed_affine makes: 4 -> 16 -> 4 at 64^3 in SegResNet, 2.3 ms per chain before
+            m, cov = native.moments(z)
+            w, shift = affine_from_moments(m, cov, f.weight, f.bias, f.norm_weight, f.norm_bias, f.groups, f.eps)
             b = shift - torch.bmm(w, m.unsqueeze(2)).squeeze(2)  # w (z - m) + shift, on the raw z
+            w, b = w.float(), b.float()
         else:
             w = f.weight.reshape(c, -1)
             b = f.bias if f.bias is not None else torch.zeros(c, dtype=w.dtype)

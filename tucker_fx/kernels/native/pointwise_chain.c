@@ -306,3 +306,63 @@ int tfx_row_moments(const float* x, double* out, long rows, long P, int nt) {
     }
     return err;
 }
+
+/* Shifted first and second moments of each sample's rows, for a norm folded into the product after
+   them (kernels/norm_fold.py) without the centred copy: per sample i, with k_r = z[i, r, 0],
+   out[i] = (sum_p (z_r - k_r) for r < R, then sum_p (z_r - k_r)(z_s - k_s) for r, s < R row-major).
+   z: (N, R, P), R <= 64; out: N * (R + R * R) doubles. Float partial sums over 512 positions, added
+   in double; each chunk of positions (a job) sums into its own slot of scratch (N * nt * (R + R * R)
+   doubles), and the calling thread adds the slots. */
+static void gram_range(const float* z, int R, long P, long p0, long p1, double* acc) {
+    float k[64];
+    for (int r = 0; r < R; r++) k[r] = z[(long)r * P];
+    float s[64][8], g[64 * 64][8];
+    for (long b = p0; b < p1; b += 512) {
+        const long e = p1 - b < 512 ? p1 : b + 512, full = b + (e - b) / 8 * 8;
+        __m256 sv[64];
+        for (int r = 0; r < R; r++) sv[r] = _mm256_setzero_ps();
+        for (int r = 0; r < R; r++) for (int t = 0; t <= r; t++) _mm256_storeu_ps(g[r * R + t], _mm256_setzero_ps());
+        for (long p = b; p < full; p += 8) {
+            __m256 d[64];
+            for (int r = 0; r < R; r++) {
+                d[r] = _mm256_sub_ps(_mm256_loadu_ps(z + (long)r * P + p), _mm256_set1_ps(k[r]));
+                sv[r] = _mm256_add_ps(sv[r], d[r]);
+            }
+            for (int r = 0; r < R; r++) for (int t = 0; t <= r; t++)
+                _mm256_storeu_ps(g[r * R + t], _mm256_fmadd_ps(d[r], d[t], _mm256_loadu_ps(g[r * R + t])));
+        }
+        for (int r = 0; r < R; r++) _mm256_storeu_ps(s[r], sv[r]);
+        for (int r = 0; r < R; r++) {
+            double a = 0.0;
+            for (int l = 0; l < 8; l++) a += s[r][l];
+            for (long p = full; p < e; p++) a += (double)z[(long)r * P + p] - k[r];
+            acc[r] += a;
+            for (int t = 0; t <= r; t++) {
+                double q = 0.0;
+                for (int l = 0; l < 8; l++) q += g[r * R + t][l];
+                for (long p = full; p < e; p++) q += ((double)z[(long)r * P + p] - k[r]) * ((double)z[(long)t * P + p] - k[t]);
+                acc[R + r * R + t] += q;
+            }
+        }
+    }
+    for (int r = 0; r < R; r++) for (int t = r + 1; t < R; t++) acc[R + r * R + t] = acc[R + t * R + r];
+}
+
+int tfx_gram(const float* z, double* out, double* scratch, int N, int R, long P, int nt) {
+    if (R > 64) return -1;
+    const long k = tfx_chunks(N, P, 16384, nt), jobs = N * k, len = R + (long)R * R;
+    memset(scratch, 0, sizeof(double) * jobs * len);
+    int err = 0;
+    TFX_PARALLEL(tfx_team(jobs, nt), err)
+    {
+        long lo, hi;
+        tfx_span(jobs, &lo, &hi);
+        for (long j = lo; j < hi; j++) {
+            const long i = j / k, c = j % k;
+            gram_range(z + i * R * P, R, P, P * c / k, P * (c + 1) / k, scratch + j * len);
+        }
+    }
+    memset(out, 0, sizeof(double) * N * len);
+    for (long j = 0; j < jobs; j++) for (long e = 0; e < len; e++) out[(j / k) * len + e] += scratch[j * len + e];
+    return err;
+}
