@@ -3,6 +3,8 @@ passes put them where the graph has them as modules, functional calls or exporte
 
 from __future__ import annotations
 
+import copy as copy_module
+
 import pytest
 import torch
 import torch.nn as nn
@@ -187,3 +189,25 @@ def test_tuner_never_reverts_a_layer_on_unsteady_timings(monkeypatch):
     assert entry.applied and entry.lowering != "original"
     assert entry.lowering_source == lowering.BUSY_SOURCE
     assert calls["n"] >= 2  # measured again before deciding
+
+
+def test_separable_max_pool_keeps_its_large_intermediate_maps_and_returns_fresh_ones() -> None:
+    torch.manual_seed(0)
+    pool = SeparableMaxPool(3, 2, 1)
+    x = torch.randn(1, 64, 64, 64, 64)  # the first pass's map: 64 x 32 x 64 x 64 floats, 32 MiB
+    with torch.no_grad():
+        first = pool(x)
+        kept = pool._scratch.nbytes()
+        second = pool(x + 1)
+    assert kept == 32 << 20 and pool._scratch.nbytes() == kept  # only the first pass's map, reused
+    assert torch.equal(first, F.max_pool3d(x, 3, 2, 1))  # not overwritten by the second call
+    assert torch.equal(second, F.max_pool3d(x + 1, 3, 2, 1))
+    copy = copy_module.deepcopy(pool)
+    assert copy._scratch.nbytes() == 0 and torch.equal(copy(x), first)
+
+
+def test_separable_max_pool_keeps_nothing_where_autograd_records() -> None:
+    pool = SeparableMaxPool(3, 2, 1)
+    x = torch.randn(1, 64, 64, 64, 64, requires_grad=True)
+    pool(x).sum().backward()
+    assert pool._scratch.nbytes() == 0 and x.grad is not None

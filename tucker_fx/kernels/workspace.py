@@ -43,9 +43,14 @@ import torch.nn as nn
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
-__all__ = ["Workspace", "pooled", "workspace_out", "WORKSPACE_ATTR", "SLOT_ATTR"]
+__all__ = ["Workspace", "pooled", "workspace_out", "WORKSPACE_ATTR", "SLOT_ATTR", "MMAP_BYTES"]
 
 WORKSPACE_ATTR, SLOT_ATTR = "_tucker_workspace", "_tucker_slot"
+
+MMAP_BYTES = 32 << 20
+"""glibc's largest dynamic mmap threshold (32 MiB on 64-bit): an allocation this large or larger is a
+fresh ``mmap`` on every call, its pages faulted in as they are first written; smaller ones come from
+the heap, where freed memory is reused."""
 
 
 class Workspace:

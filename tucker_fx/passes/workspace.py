@@ -56,13 +56,13 @@ import torch.nn.functional as F
 from tucker_fx._internal.meta import NOTES_KEY
 from tucker_fx.kernels.norm_fold import NormedPointwise
 from tucker_fx.kernels.pointwise import MixParts, PointwiseConv
-from tucker_fx.kernels.workspace import SLOT_ATTR, WORKSPACE_ATTR, Workspace
+from tucker_fx.kernels.workspace import MMAP_BYTES, SLOT_ATTR, WORKSPACE_ATTR, Workspace
 from tucker_fx.passes.inplace import returns_new_buffer, writes_into_input
 from tucker_fx.passes.runner import PassResult
 
 __all__ = ["PlanWorkspace", "MIN_BYTES"]
 
-MIN_BYTES = 32 << 20
+MIN_BYTES = MMAP_BYTES
 """Maps smaller than this (32 MiB, glibc's largest mmap threshold) come from the heap, where malloc
 hands back a recently freed, cache-warm chunk: a fixed slot does worse. Measured one thread, in-house
 ResNet3d-18 (maps up to 12.8 MB) with the workspace from 1 MiB up: 102.7 ms against 97.1 without."""
