@@ -95,21 +95,28 @@ def test_pointwise_conv_takes_the_native_product_only_where_it_wins_and_no_gradi
 
 
 @needs_native
-@pytest.mark.parametrize("shape", [(1, 4, 64, 64, 64), (2, 5, 3, 7, 9), (1, 16, 33, 17, 5), (3, 1, 1, 1, 1)])
+@pytest.mark.parametrize("r,c,r2,groups", [(4, 16, 4, 8), (5, 12, 3, 12), (16, 64, 16, 8), (1, 2, 1, 1)])
+@pytest.mark.parametrize("n,spatial", [(1, (16, 16, 16)), (2, (3, 7, 9))])
 @pytest.mark.parametrize("threads", [1, 3])
-def test_moments_kernel_gives_mean_and_covariance_far_from_zero(shape: tuple, threads: int) -> None:
+def test_normed_chain_kernel_is_a_group_norm_between_two_products(r: int, c: int, r2: int, groups: int, n: int,
+                                                                  spatial: tuple, threads: int) -> None:
+    """The statistics from the narrow input's moments (a large mean: shifted sums, or the variance
+    cancels away), the fold and the chain against the plain ops in float64."""
     torch.manual_seed(0)
-    z = torch.randn(*shape) * 3 + 100  # a large mean: shifted sums, or the variance cancels away
+    z = torch.randn(n, r, *spatial) * 3 + 50
+    w, b, gamma, beta = torch.randn(c, r), torch.randn(c), torch.rand(c) + 0.5, torch.randn(c)
+    w2, b2 = torch.randn(r2, c), torch.randn(r2)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
-        m, cov = native.moments(z)
+        y = native.normed_chain(z, w, b, groups, gamma, beta, 1e-5, w2, b2, 0.1)
     finally:
         torch.set_num_threads(before)
-    cols = z.double().flatten(2)
-    centred = cols - cols.mean(2, keepdim=True)
-    torch.testing.assert_close(m, cols.mean(2), rtol=0, atol=1e-5)
-    torch.testing.assert_close(cov, centred @ centred.transpose(1, 2) / cols.shape[2], rtol=1e-5, atol=1e-5)
+    d = {k: t.double() for k, t in dict(z=z, w=w, b=b, gamma=gamma, beta=beta, w2=w2, b2=b2).items()}
+    h = torch.einsum("cr,nr...->nc...", d["w"], d["z"]) + d["b"].reshape(-1, *[1] * len(spatial))
+    h = torch.nn.functional.leaky_relu(torch.nn.functional.group_norm(h, groups, d["gamma"], d["beta"], 1e-5), 0.1)
+    ref = torch.einsum("oc,nc...->no...", d["w2"], h) + d["b2"].reshape(-1, *[1] * len(spatial))
+    torch.testing.assert_close(y, ref.float(), rtol=1e-4, atol=1e-4 * c ** 0.5)
 
 
 _SPLIT_CALLS = {  # every kernel, on maps large enough that three threads each get a share
@@ -189,8 +196,9 @@ def test_module_is_its_three_modules_on_every_path(normed: bool, act: nn.Module,
     if how == "disabled":
         monkeypatch.setitem(native._state, "lib", None)
     calls: list[int] = []
-    real = native.pointwise_chain
-    monkeypatch.setattr(native, "pointwise_chain", lambda *a: calls.append(1) or real(*a))
+    name = "normed_chain" if normed else "pointwise_chain"  # a folded norm: statistics, fold and chain in one call
+    real = getattr(native, name)
+    monkeypatch.setattr(native, name, lambda *a: calls.append(1) or real(*a))
     with torch.no_grad():
         ref = second(act(first(z.clone())))
     with torch.set_grad_enabled(how == "grad"):

@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["available", "status", "threading_mode", "MAX_THREADS", "narrow_conv3d", "pointwise", "pointwise_chain",
-           "pointwise_add", "norm_act_pointwise", "moments", "upsample2x_trilinear", "FLAGS"]
+           "pointwise_add", "norm_act_pointwise", "normed_chain", "upsample2x_trilinear", "FLAGS"]
 
 _SOURCES = tuple(Path(__file__).with_name(n) for n in ("narrow_conv3d.c", "pointwise_chain.c", "upsample.c"))
 _HEADERS = (Path(__file__).with_name("parallel.h"),)
@@ -119,7 +119,7 @@ def _compile(compiler: str, flags: tuple[str, ...]) -> ctypes.CDLL:
             target = where / target.name
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=where)
         os.close(fd)
-        done = subprocess.run([compiler, *flags, *map(str, _SOURCES), "-o", tmp], capture_output=True, text=True)
+        done = subprocess.run([compiler, *flags, *map(str, _SOURCES), "-lm", "-o", tmp], capture_output=True, text=True)
         if done.returncode != 0:
             os.unlink(tmp)
             raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[:500]}")
@@ -131,7 +131,9 @@ def _compile(compiler: str, flags: tuple[str, ...]) -> ctypes.CDLL:
                        ("tfx_pointwise_add", [ptr] * 5 + [i32] * 3 + [i64, i32]),
                        ("tfx_affine_act_pointwise", [ptr] * 6 + [i32] * 3 + [i64, f32, i32]),
                        ("tfx_row_moments", [ptr, ptr, i64, i64, i32]),
-                       ("tfx_gram", [ptr] * 3 + [i32, i32, i64, i32]),
+                       ("tfx_normed_chain", [ptr] * 5 + [i32, ctypes.c_double] + [ptr] * 3 + [i32] * 4
+                        + [i64, f32, i32]),
+                       ("tfx_norm_act", [ptr] * 3 + [i32, ctypes.c_double] + [ptr] * 3 + [i32] * 3 + [i64, f32, i32]),
                        ("tfx_upsample2x_trilinear", [ptr] * 3 + [i64] + [i32] * 4)):
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = ctypes.c_int, args
@@ -308,35 +310,45 @@ def pointwise_add(z: Tensor, weight: Tensor, bias: Optional[Tensor], skip: Tenso
     return y
 
 
-def moments(z: Tensor) -> tuple[Tensor, Tensor]:
-    """The mean ``m`` (N, R) and covariance ``S`` (N, R, R) over positions of each sample's rows of
-    ``z`` (N, R, *spatial), float64, in one pass (shifted sums): the statistics from which
-    ``kernels.norm_fold`` computes a GroupNorm after a widening 1x1 product. Float32 CPU, R <= 64.
+def normed_chain(z: Tensor, weight: Tensor, bias: Optional[Tensor], groups: int, gamma: Optional[Tensor],
+                 beta: Optional[Tensor], eps: float, w2: Tensor, b2: Optional[Tensor], slope: float) -> Tensor:
+    """``W2 act(group_norm(W z + b)) + b2`` over the positions of ``z`` (N, R, *spatial), ``weight``
+    (C, R), ``w2`` (R2, C): a block's last factor, a GroupNorm (InstanceNorm: ``groups = C``) with
+    ``gamma``/``beta``, its activation and the next block's first factor in one call. The norm's
+    statistics come from the mean and covariance of ``z`` (one pass, shifted sums added in double;
+    ``kernels/norm_fold.py`` has the algebra), folded into ``W``; then :func:`pointwise_chain`.
+    Float32 CPU tensors; R and R2 at most 64.
 
     Example:
-        >>> z = torch.randn(2, 3, 4, 5, 6) + 10
-        >>> m, cov = moments(z) if available() else (z.double().flatten(2).mean(2), None)
-        >>> bool(torch.allclose(m, z.double().flatten(2).mean(2)))
+        >>> import torch.nn.functional as F
+        >>> z, w, w2 = torch.randn(1, 4, 3, 5, 7) + 3, torch.randn(16, 4), torch.randn(4, 16)
+        >>> ref = torch.einsum("oc,ncdhw->nodhw", w2, F.relu(F.group_norm(torch.einsum("cr,nrdhw->ncdhw", w, z), 4)))
+        >>> y = normed_chain(z, w, None, 4, None, None, 1e-5, w2, None, 0.0) if available() else ref
+        >>> bool(torch.allclose(y, ref, atol=1e-4))
         True
     """
     lib = _loaded()
     n, r = z.shape[:2]
-    if z.dim() < 3 or r > 64:
-        raise ValueError(f"moments: expected z (N, R, ...) with R <= 64, got {tuple(z.shape)}")
-    _check_float32_cpu("moments", z=z)
-    z = z.contiguous()
+    c, r2 = weight.shape[0], w2.shape[0]
+    if (z.dim() < 3 or weight.shape != (c, r) or w2.shape != (r2, c) or c % groups
+            or any(t is not None and t.shape != (c,) for t in (bias, gamma, beta))
+            or (b2 is not None and b2.shape != (r2,))):
+        raise ValueError(f"normed_chain: expected z (N, R, ...), weight (C, R) with C a multiple of groups, bias, "
+                         f"gamma and beta (C,), w2 (R2, C), b2 (R2,), got {tuple(z.shape)}, {tuple(weight.shape)}, "
+                         f"groups {groups}, {tuple(w2.shape)}")
+    if r > MAX_CHAIN[0] or c > MAX_CHAIN[1] or r2 > MAX_CHAIN[2]:
+        raise ValueError(f"normed_chain: at most (R, C, R2) = {MAX_CHAIN}, got {(r, c, r2)}")
+    _check_float32_cpu("normed_chain", z=z, weight=weight, bias=bias, gamma=gamma, beta=beta, w2=w2, b2=b2)
+    z, weight, w2 = z.contiguous(), weight.contiguous(), w2.contiguous()
+    bias, gamma, beta, b2 = (None if t is None else t.contiguous() for t in (bias, gamma, beta, b2))
     positions = z[0, 0].numel() if n else 0
-    if not positions:
-        raise ValueError(f"moments: expected positions, got {tuple(z.shape)}")
-    threads = _threads()
-    out = torch.empty(n, r + r * r, dtype=torch.float64)
-    scratch = torch.empty(n * threads, r + r * r, dtype=torch.float64)
-    if lib.tfx_gram(z.data_ptr(), out.data_ptr(), scratch.data_ptr(), n, r, positions, threads):
-        raise ValueError("moments: the native kernel refused its shapes")
-    shift = z.reshape(n, r, -1)[:, :, 0].double()
-    s = out[:, :r] / positions
-    cov = out[:, r:].reshape(n, r, r) / positions - s.unsqueeze(2) * s.unsqueeze(1)
-    return shift + s, cov
+    y = torch.empty((n, r2) + tuple(z.shape[2:]), dtype=z.dtype)
+    ptr = [None if t is None else t.data_ptr() for t in (bias, gamma, beta, b2)]
+    if n and positions and lib.tfx_normed_chain(z.data_ptr(), weight.data_ptr(), ptr[0], ptr[1], ptr[2], groups,
+                                                float(eps), w2.data_ptr(), ptr[3], y.data_ptr(), n, r, c, r2,
+                                                positions, float(slope), _threads()):
+        raise MemoryError("normed_chain: the native kernel could not allocate its buffers")
+    return y
 
 
 def norm_act_pointwise(x: Tensor, groups: int, gamma: Optional[Tensor], beta: Optional[Tensor], eps: float,
@@ -344,7 +356,7 @@ def norm_act_pointwise(x: Tensor, groups: int, gamma: Optional[Tensor], beta: Op
     """``W act(group_norm(x)) + b`` over the positions of ``x`` (N, C, *spatial), with ``act`` a leaky
     ReLU of ``slope`` and ``weight`` (R, C): a GroupNorm (an InstanceNorm: ``groups = C``), its
     activation and a 1x1 conv, the normalised map never written. The statistics come from one
-    pass over ``x`` (shifted sums, added in double). Float32 CPU tensors, contiguous ``x``.
+    pass over ``x`` (shifted sums, added in double), all in one native call. Float32 CPU tensors.
 
     Example:
         >>> import torch.nn.functional as F
@@ -366,34 +378,12 @@ def norm_act_pointwise(x: Tensor, groups: int, gamma: Optional[Tensor], beta: Op
         raise ValueError(f"norm_act_pointwise: at most {MAX_CHAIN[1]} channels in and {MAX_CHAIN[2]} out, got {(c, r)}")
     _check_float32_cpu("norm_act_pointwise", x=x, weight=weight, bias=bias, gamma=gamma, beta=beta)
     x, weight = x.contiguous(), weight.contiguous()
-    bias = None if bias is None else bias.contiguous()
+    bias, gamma, beta = (None if t is None else t.contiguous() for t in (bias, gamma, beta))
     positions = x[0, 0].numel() if n else 0
-    rows = x.reshape(n * c, positions)
-    moments = torch.empty(n * c, 2, dtype=torch.float64)
-    lib.tfx_row_moments(rows.data_ptr(), moments.data_ptr(), n * c, positions, _threads())
-    # group statistics from the channels' shifted sums: sum(x) = s + P k, sum(x^2) = q + 2 k s + P k^2
-    k = rows[:, 0].double()
-    s, q = moments[:, 0], moments[:, 1]
-    count = positions * (c // groups)
-    shift_g = k.reshape(n, groups, -1)[:, :, :1]  # one shift per group: the first channel's
-    d = (k.reshape(n, groups, -1) - shift_g)      # each channel's shift against the group's
-    sg = (s.reshape(n, groups, -1) + positions * d).sum(2)
-    qg = (q.reshape(n, groups, -1) + 2 * d * s.reshape(n, groups, -1) + positions * d * d).sum(2)
-    mean_g = sg / count
-    var_g = (qg / count - mean_g * mean_g).clamp_min(0.0)
-    rstd = torch.rsqrt(var_g + eps)
-    mean = (shift_g.squeeze(2) + mean_g)  # (n, groups)
-    a = rstd.repeat_interleave(c // groups, dim=1)
-    b = -(mean * rstd).repeat_interleave(c // groups, dim=1)
-    if gamma is not None:
-        a, b = a * gamma.double(), b * gamma.double()
-    if beta is not None:
-        b = b + beta.double()
-    a, b = a.float().contiguous(), b.float().contiguous()
     y = torch.empty((n, r) + tuple(x.shape[2:]), dtype=x.dtype)
-    bp = None if bias is None else bias.data_ptr()
-    if lib.tfx_affine_act_pointwise(x.data_ptr(), a.data_ptr(), b.data_ptr(), weight.data_ptr(), bp, y.data_ptr(), n,
-                                    c, r, positions, float(slope), _threads()):
+    ptr = [None if t is None else t.data_ptr() for t in (gamma, beta, bias)]
+    if n and positions and lib.tfx_norm_act(x.data_ptr(), ptr[0], ptr[1], groups, float(eps), weight.data_ptr(),
+                                            ptr[2], y.data_ptr(), n, c, r, positions, float(slope), _threads()):
         raise MemoryError("norm_act_pointwise: the native kernel could not allocate its buffer")
     return y
 

@@ -33,6 +33,13 @@ static inline long tfx_chunks(long n, long len, long least, int nt) {
     return k < 1 ? 1 : k;
 }
 
+/* The fewest positions worth a thread's chunk, for a kernel doing `macs` multiply-adds per position:
+   about 256K (tens of microseconds), between 256 and 4096 positions. */
+static inline long tfx_least(long macs) {
+    const long p = (1L << 18) / (macs > 0 ? macs : 1);
+    return p < 256 ? 256 : (p > 4096 ? 4096 : p);
+}
+
 /* Threads for `jobs` jobs: at most nt, at least 1. */
 static inline int tfx_team(long jobs, int nt) { return jobs < nt ? (jobs < 1 ? 1 : (int)jobs) : nt; }
 #endif

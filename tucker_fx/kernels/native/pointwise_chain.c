@@ -12,6 +12,7 @@
    on the stack (L1) instead of a full-width map in memory (16 MB for 16 channels at 64^3). */
 #include <immintrin.h>
 #include <stdlib.h>
+#include <math.h>
 #include <string.h>
 
 #include "parallel.h"
@@ -247,7 +248,7 @@ static inline void span_of(long j, long k, long P, long align, long* i, long* lo
 /* w1s, b1s: the floats between samples' W1 and b1 (0: shared, C * R1 and C: per sample). */
 int tfx_pointwise_chain(const float* z, const float* w1, const float* b1, const float* w2, const float* b2, float* y,
                         int N, int R1, int C, int R2, long P, float slope, long w1s, long b1s, int nt) {
-    const long k = tfx_chunks(N, P, 4096, nt), jobs = N * k;
+    const long k = tfx_chunks(N, P, tfx_least((long)C * (R1 + R2)), nt), jobs = N * k;
     int err = 0;
     TFX_PARALLEL(tfx_team(jobs, nt), err)
     {
@@ -265,7 +266,7 @@ int tfx_pointwise_chain(const float* z, const float* w1, const float* b1, const 
 
 int tfx_pointwise_add(const float* z, const float* w, const float* b, const float* skip, float* y,
                       int N, int R, int C, long P, int nt) {
-    const long k = tfx_chunks(N, P, 4096, nt), jobs = N * k;
+    const long k = tfx_chunks(N, P, tfx_least((long)R * C), nt), jobs = N * k;
     int err = 0;
     TFX_PARALLEL(tfx_team(jobs, nt), err)
     {
@@ -282,7 +283,7 @@ int tfx_pointwise_add(const float* z, const float* w, const float* b, const floa
 /* a, b: (N, C), one scale and shift per sample and channel. */
 int tfx_affine_act_pointwise(const float* z, const float* a, const float* b, const float* w2, const float* b2,
                              float* y, int N, int C, int R2, long P, float slope, int nt) {
-    const long k = tfx_chunks(N, P, 4096, nt), jobs = N * k;
+    const long k = tfx_chunks(N, P, tfx_least((long)C * (R2 + 1)), nt), jobs = N * k;
     int err = 0;
     TFX_PARALLEL(tfx_team(jobs, nt), err)
     {
@@ -350,7 +351,7 @@ static void gram_range(const float* z, int R, long P, long p0, long p1, double* 
 
 int tfx_gram(const float* z, double* out, double* scratch, int N, int R, long P, int nt) {
     if (R > 64) return -1;
-    const long k = tfx_chunks(N, P, 16384, nt), jobs = N * k, len = R + (long)R * R;
+    const long k = tfx_chunks(N, P, tfx_least((long)R * (R + 3) / 2), nt), jobs = N * k, len = R + (long)R * R;
     memset(scratch, 0, sizeof(double) * jobs * len);
     int err = 0;
     TFX_PARALLEL(tfx_team(jobs, nt), err)
@@ -364,5 +365,104 @@ int tfx_gram(const float* z, double* out, double* scratch, int N, int R, long P,
     }
     memset(out, 0, sizeof(double) * N * len);
     for (long j = 0; j < jobs; j++) for (long e = 0; e < len; e++) out[(j / k) * len + e] += scratch[j * len + e];
+    return err;
+}
+
+/* A GroupNorm after a 1x1 product u (C x R) + bias, folded into it from one sample's narrow input:
+   its mean m (R) and covariance S (R x R). Channel c's output has mean u_c.m + bias_c and variance
+   u_c' S u_c; a group's variance is the mean of its channels' second moments about the group mean.
+   Then norm(u z + bias)_c = w_c.z + b_c with w_c = a_c u_c, a_c = gamma_c / sqrt(var_g + eps) and
+   b_c = (mean_c - mean_g) a_c + beta_c - a_c u_c.m. */
+static void fold_groupnorm(const double* m, const double* S, const float* u, const float* bias, const float* gamma,
+                           const float* beta, int C, int R, int groups, double eps, float* w, float* b) {
+    double mean[CMAX], var[CMAX];
+    for (int c = 0; c < C; c++) {
+        const float* uc = u + (long)c * R;
+        double mu = 0.0, v = 0.0;
+        for (int r = 0; r < R; r++) {
+            mu += uc[r] * m[r];
+            double row = 0.0;
+            for (int t = 0; t < R; t++) row += S[r * R + t] * uc[t];
+            v += uc[r] * row;
+        }
+        mean[c] = mu + (bias ? bias[c] : 0.0);
+        var[c] = v;
+    }
+    const int cg = C / groups;
+    for (int g = 0; g < groups; g++) {
+        double mg = 0.0, vg = 0.0;
+        for (int c = g * cg; c < (g + 1) * cg; c++) mg += mean[c];
+        mg /= cg;
+        for (int c = g * cg; c < (g + 1) * cg; c++) vg += var[c] + (mean[c] - mg) * (mean[c] - mg);
+        const double rstd = 1.0 / sqrt(vg / cg + eps);
+        for (int c = g * cg; c < (g + 1) * cg; c++) {
+            const double a = rstd * (gamma ? gamma[c] : 1.0);
+            const double um = mean[c] - (bias ? bias[c] : 0.0);
+            for (int r = 0; r < R; r++) w[(long)c * R + r] = (float)(a * u[(long)c * R + r]);
+            b[c] = (float)((mean[c] - mg) * a + (beta ? beta[c] : 0.0) - a * um);
+        }
+    }
+}
+
+/* y = W2 act(norm(u z + bias)) + b2 with norm a GroupNorm of `groups` (InstanceNorm: groups = C),
+   its statistics from the narrow input z: the moments, the fold and the chain in one call. */
+int tfx_normed_chain(const float* z, const float* u, const float* bias, const float* gamma, const float* beta,
+                     int groups, double eps, const float* w2, const float* b2, float* y,
+                     int N, int R1, int C, int R2, long P, float slope, int nt) {
+    if (R1 > 64 || R2 > 64 || C > CMAX || groups < 1 || C % groups || P < 1) return -1;
+    const long len = R1 + (long)R1 * R1;
+    double* mom = malloc(sizeof(double) * N * len);
+    double* scratch = malloc(sizeof(double) * N * (nt > 0 ? nt : 1) * len);
+    float* w = malloc(sizeof(float) * N * C * R1);
+    float* b = malloc(sizeof(float) * N * C);
+    int err = !mom || !scratch || !w || !b;
+    if (!err) err = tfx_gram(z, mom, scratch, N, R1, P, nt);
+    for (int i = 0; i < N && !err; i++) {
+        double m[64], S[64 * 64];
+        const double* s = mom + i * len;
+        for (int r = 0; r < R1; r++) m[r] = s[r] / P;
+        for (int r = 0; r < R1; r++) for (int t = 0; t < R1; t++) S[r * R1 + t] = s[R1 + r * R1 + t] / P - m[r] * m[t];
+        for (int r = 0; r < R1; r++) m[r] += z[(long)i * R1 * P + (long)r * P];  /* the shift back */
+        fold_groupnorm(m, S, u, bias, gamma, beta, C, R1, groups, eps, w + (long)i * C * R1, b + (long)i * C);
+    }
+    if (!err) err = tfx_pointwise_chain(z, w, b, w2, b2, y, N, R1, C, R2, P, slope, (long)C * R1, C, nt);
+    free(mom); free(scratch); free(w); free(b);
+    return err;
+}
+
+/* y = W2 act(group_norm(x)) + b2: a GroupNorm's statistics from per-channel shifted sums (one pass),
+   its scale and shift per channel, then the affine, the activation and the product (one pass). */
+int tfx_norm_act(const float* x, const float* gamma, const float* beta, int groups, double eps,
+                 const float* w2, const float* b2, float* y, int N, int C, int R2, long P, float slope, int nt) {
+    if (C > CMAX || R2 > 64 || groups < 1 || C % groups || P < 1) return -1;
+    double* mom = malloc(sizeof(double) * 2 * N * C);
+    float* a = malloc(sizeof(float) * N * C);
+    float* b = malloc(sizeof(float) * N * C);
+    int err = !mom || !a || !b;
+    if (!err) err = tfx_row_moments(x, mom, (long)N * C, P, nt);
+    const int cg = C / groups;
+    for (int i = 0; i < N && !err; i++) for (int g = 0; g < groups; g++) {
+        /* channel c's sums are about its first value k_c; move them to the group's shift k_g */
+        const long first = (long)i * C + (long)g * cg;
+        const double kg = x[first * P];
+        double sg = 0.0, qg = 0.0;
+        for (long c = first; c < first + cg; c++) {
+            const double d = x[c * P] - kg, sc = mom[2 * c], qc = mom[2 * c + 1];
+            sg += sc + P * d;
+            qg += qc + 2 * d * sc + P * d * d;
+        }
+        const double count = (double)P * cg, mg = sg / count;
+        double var = qg / count - mg * mg;
+        if (var < 0.0) var = 0.0;
+        const double rstd = 1.0 / sqrt(var + eps), mean = kg + mg;
+        for (long c = first; c < first + cg; c++) {
+            const int ch = (int)(c - (long)i * C);
+            const double ga = gamma ? gamma[ch] : 1.0;
+            a[c] = (float)(rstd * ga);
+            b[c] = (float)(-mean * rstd * ga + (beta ? beta[ch] : 0.0));
+        }
+    }
+    if (!err) err = tfx_affine_act_pointwise(x, a, b, w2, b2, y, N, C, R2, P, slope, nt);
+    free(mom); free(a); free(b);
     return err;
 }
