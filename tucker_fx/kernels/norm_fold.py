@@ -42,7 +42,7 @@ from torch import Tensor
 from tucker_fx.kernels.pointwise import PointwiseConv
 from tucker_fx.kernels.workspace import pooled as _pooled, workspace_out
 
-__all__ = ["NormedPointwise", "foldable_norm", "normed_affine", "affine_from_moments"]
+__all__ = ["NormedPointwise", "foldable_norm", "normed_affine"]
 
 _INSTANCE = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 
@@ -74,24 +74,15 @@ def normed_affine(cols: Tensor, weight: Tensor, bias: Optional[Tensor], gamma: O
     """The normalised 1x1 conv as ``w (z - m) + shift``: ``(w (N, C, R), shift (N, C), m (N, R), z - m)``
     for the columns ``cols`` (N, R, positions) of the narrow input (see the module docstring)."""
     n, r, positions = cols.shape
+    c = weight.shape[0]
+    u = weight.reshape(c, r)
     m = cols.mean(2)                                                      # (n, R)
     centred = cols - m.unsqueeze(2)                                       # (n, R, P)
     cov = torch.bmm(centred, centred.transpose(1, 2)) / positions        # (n, R, R)
-    w, shift = affine_from_moments(m, cov, weight, bias, gamma, beta, groups, eps)
-    return w, shift, m, centred
-
-
-def affine_from_moments(m: Tensor, cov: Tensor, weight: Tensor, bias: Optional[Tensor], gamma: Optional[Tensor],
-                        beta: Optional[Tensor], groups: int, eps: float) -> tuple[Tensor, Tensor]:
-    """``(w (N, C, R), shift (N, C))`` of :func:`normed_affine` from the narrow input's mean ``m``
-    (N, R) and covariance ``cov`` (N, R, R), in their dtype (``native.moments`` gives float64)."""
-    n, r = m.shape
-    c = weight.shape[0]
-    u = weight.reshape(c, r).to(m.dtype)
     var = ((u @ cov) * u).sum(2)                                          # (n, C): u_c^T S u_c
     mean = m @ u.t()                                                      # (n, C), without the bias
     if bias is not None:
-        mean = mean + bias.to(m.dtype)
+        mean = mean + bias
     grouped = mean.reshape(n, groups, c // groups)
     group_mean = grouped.mean(2, keepdim=True)
     # a group's variance: the mean of its channels' second moments about the group mean
@@ -99,10 +90,10 @@ def affine_from_moments(m: Tensor, cov: Tensor, weight: Tensor, bias: Optional[T
     scale = torch.rsqrt(group_var + eps).expand(n, groups, c // groups).reshape(n, c)
     shift = (grouped - group_mean).reshape(n, c) * scale                  # (y_c - mean_g) at z = m
     if gamma is not None:
-        scale, shift = scale * gamma.to(m.dtype), shift * gamma.to(m.dtype)
+        scale, shift = scale * gamma, shift * gamma
     if beta is not None:
-        shift = shift + beta.to(m.dtype)
-    return scale.unsqueeze(2) * u, shift
+        shift = shift + beta
+    return scale.unsqueeze(2) * u, shift, m, centred
 
 
 @torch.fx.wrap

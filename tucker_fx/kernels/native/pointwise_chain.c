@@ -368,7 +368,8 @@ int tfx_gram(const float* z, double* out, double* scratch, int N, int R, long P,
     return err;
 }
 
-/* A GroupNorm after a 1x1 product u (C x R) + bias, folded into it from one sample's narrow input:
+/* A GroupNorm after a 1x1 product u (C x R) + bias, folded into it from one sample's narrow input
+   (the algebra of normed_affine in kernels/norm_fold.py, in double):
    its mean m (R) and covariance S (R x R). Channel c's output has mean u_c.m + bias_c and variance
    u_c' S u_c; a group's variance is the mean of its channels' second moments about the group mean.
    Then norm(u z + bias)_c = w_c.z + b_c with w_c = a_c u_c, a_c = gamma_c / sqrt(var_g + eps) and
