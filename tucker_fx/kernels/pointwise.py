@@ -86,7 +86,12 @@ def native_product_wins(r: int, c: int, positions: int) -> bool:
     the native kernel splits the positions over torch's threads. Measured at 64^3 on the 2-core AMD
     machine, ms ``mm`` / native on one thread, two threads: 16 -> 4 1.74 / 1.38, 1.58 / 0.68;
     4 -> 16 2.36 / 1.65, 1.10 / 0.81; 32 -> 4 8.84 / 7.65, 8.80 / 3.40; at 32^3 8 -> 32 0.71 / 0.56,
-    0.34 / 0.30; where it lost: 32 -> 8 at 32^3 on one thread 0.52 / 0.61, 64 -> 16 at 16^3."""
+    0.34 / 0.30; where it lost: 32 -> 8 at 32^3 on one thread 0.52 / 0.61, 64 -> 16 at 16^3.
+
+    Example:
+        >>> native_product_wins(16, 4, 64 ** 3), native_product_wins(64, 16, 64 ** 3), native_product_wins(16, 4, 16 ** 3)
+        (True, False, False)
+    """
     return positions >= 8192 and (min(r, c) <= 4 or r <= 8) and r <= native.MAX_CHAIN[1]
 
 

@@ -171,7 +171,12 @@ def status() -> str:
 
 def threading_mode() -> str:
     """Where the kernels run their work: ``"OpenMP, torch's thread pool"``, or ``"the calling thread
-    (...)"`` with the reason; ``"not loaded"`` where :func:`available` is False."""
+    (...)"`` with the reason; ``"not loaded"`` where :func:`available` is False.
+
+    Example:
+        >>> threading_mode() in ("OpenMP, torch's thread pool", "not loaded") or threading_mode().startswith("the calling")
+        True
+    """
     return str(_state.get("threads", "not loaded")) if available() else "not loaded"
 
 
