@@ -47,7 +47,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["available", "status", "threading_mode", "MAX_THREADS", "narrow_conv3d", "pointwise", "pointwise_chain",
+__all__ = ["available", "status", "threading_mode", "gomp_libraries", "MAX_THREADS", "narrow_conv3d", "pointwise", "pointwise_chain",
            "pointwise_add", "norm_act_pointwise", "normed_chain", "upsample2x_trilinear", "FLAGS"]
 
 _SOURCES = tuple(Path(__file__).with_name(n) for n in ("narrow_conv3d.c", "pointwise_chain.c", "upsample.c"))
@@ -79,14 +79,28 @@ def _cpu_ok() -> Optional[str]:
     return None
 
 
-def _torch_on_gomp() -> bool:
-    """Whether torch's thread pool is GNU OpenMP's (libgomp loaded in this process), the runtime that
-    ``-fopenmp`` links: only then do the kernels share torch's threads rather than start a second pool."""
+def gomp_libraries() -> set[str]:
+    """The files of this process's GNU OpenMP runtimes that answer to the name ``libgomp.so.1``, the
+    one ``-fopenmp`` links: torch's. Copies that wheels vendor under another name (scikit-learn's
+    ``libgomp-<hash>.so.1.0.0``) are separate runtimes that nothing of ours binds to, and are left out.
+    Empty where ``/proc`` is not readable.
+
+    Example:
+        >>> len(gomp_libraries()) <= 1
+        True
+    """
     try:
         with open("/proc/self/maps") as maps:
-            return any("libgomp" in line for line in maps)
+            paths = {line.split()[-1] for line in maps if "libgomp" in line}
     except OSError:
-        return False
+        return set()
+    return {p for p in paths if os.path.basename(p).startswith("libgomp.so")}
+
+
+def _torch_on_gomp() -> bool:
+    """Whether torch's thread pool is GNU OpenMP's (``libgomp.so.1`` loaded in this process), the runtime
+    that ``-fopenmp`` links: only then do the kernels share torch's threads rather than start a second pool."""
+    return bool(gomp_libraries())
 
 
 def _build() -> ctypes.CDLL:
